@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine. It creates .venv on first use and keeps it in step with pyproject.toml.
+#   ./flux demo                 generate an image from tiny random weights (no downloads, runs on a CPU)
+#   ./flux generate ARGS...     python -m flux_core generate ARGS... (see --help)
+#   ./flux test [PYTEST ARGS]   install the test oracles and the real ComfyUI host, then run the test suite
+#   ./flux python ARGS...       run the project's Python
+set -euo pipefail
+cd "$(dirname "$0")"
+cmd="${1:-help}"; shift || true
+case "$cmd" in
+  demo)     scripts/setup_env.sh runtime
+            exec .venv/bin/python -m flux_core generate --demo --prompt "a juicy orange on a wooden table" --out demo.jpg "$@" ;;
+  generate) scripts/setup_env.sh runtime; exec .venv/bin/python -m flux_core generate "$@" ;;
+  test)     scripts/setup_env.sh test; exec .venv/bin/python -m pytest "$@" ;;
+  python)   scripts/setup_env.sh runtime; exec .venv/bin/python "$@" ;;
+  *)        sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] ;;
+esac
