@@ -1,0 +1,154 @@
+"""Transformer checkpoints in every layout, mapped to the reference names, and the config they imply.
+
+Layouts: BFL single file (bare keys), ComfyUI's `model.diffusion_model.` prefix and all-in-one files,
+diffusers (single file or sharded folder). fp8 and scaled fp8 weights are dequantized by the sources.
+"""
+from __future__ import annotations
+
+import re
+
+from ..errors import CheckpointError
+from ..model import FluxParams, default_axes_dim
+from .families import TRANSFORMER_BFL, TRANSFORMER_DIFFUSERS, describe, find_prefixes
+from .reader import TensorFile
+from .sources import Concat, FileTensor, Source, SwapHalves, is_quant_aux
+
+_DIFFUSERS_GLOBAL = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "proj_out": "final_layer.linear",
+}
+_DIFFUSERS_DOUBLE = {
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+}
+_DIFFUSERS_DOUBLE_NORMS = {
+    "attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+    "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+    "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+    "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+}
+_DIFFUSERS_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+_DIFFUSERS_SINGLE_NORMS = {"attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
+
+
+def _single_prefix(tf: TensorFile, anchor: str) -> str | None:
+    prefixes = find_prefixes(tf.keys(), anchor)
+    if len(prefixes) > 1:
+        raise CheckpointError(tf.path, "the file holds more than one transformer", found=", ".join(prefixes))
+    return prefixes[0] if prefixes else None
+
+
+def transformer_sources(tf: TensorFile) -> dict[str, Source]:
+    """Reference-named lazy sources for the transformer in `tf`, whatever its layout."""
+    prefix = _single_prefix(tf, TRANSFORMER_BFL)
+    if prefix is not None:
+        return {k[len(prefix):]: FileTensor(tf, k) for k in tf.keys()
+                if k.startswith(prefix) and not is_quant_aux(k)}
+    prefix = _single_prefix(tf, TRANSFORMER_DIFFUSERS)
+    if prefix is not None:
+        return _diffusers_sources(tf, prefix)
+    raise CheckpointError(tf.path, "this is not a FLUX transformer", found=describe(tf.keys()),
+                          expected=f"keys like '{TRANSFORMER_BFL}' (reference/ComfyUI) or "
+                                   f"'{TRANSFORMER_DIFFUSERS}' (diffusers)",
+                          hint="FLUX transformer files go in models/diffusion_models; see the README's model table")
+
+
+def _diffusers_sources(tf: TensorFile, prefix: str) -> dict[str, Source]:
+    def src(name):
+        return FileTensor(tf, prefix + name)
+
+    out: dict[str, Source] = {}
+    present = {k[len(prefix):] for k in tf.keys() if k.startswith(prefix) and not is_quant_aux(k)}
+    for old, new in _DIFFUSERS_GLOBAL.items():
+        for p in ("weight", "bias"):
+            if f"{old}.{p}" in present:
+                out[f"{new}.{p}"] = src(f"{old}.{p}")
+    for p in ("weight", "bias"):
+        if f"norm_out.linear.{p}" in present:
+            out[f"final_layer.adaLN_modulation.1.{p}"] = SwapHalves(src(f"norm_out.linear.{p}"))
+
+    for i in _block_indices(present, "transformer_blocks"):
+        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for old, new in _DIFFUSERS_DOUBLE.items():
+            for p in ("weight", "bias"):
+                if d + f"{old}.{p}" in present:
+                    out[b + f"{new}.{p}"] = src(d + f"{old}.{p}")
+        for old, new in _DIFFUSERS_DOUBLE_NORMS.items():
+            if d + old in present:
+                out[b + new] = src(d + old)
+        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            for p in ("weight", "bias"):
+                parts = [d + f"attn.{n}.{p}" for n in names]
+                if all(x in present for x in parts):
+                    out[b + f"{stream}_attn.qkv.{p}"] = Concat([src(x) for x in parts])
+
+    for i in _block_indices(present, "single_transformer_blocks"):
+        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for old, new in _DIFFUSERS_SINGLE.items():
+            for p in ("weight", "bias"):
+                if d + f"{old}.{p}" in present:
+                    out[b + f"{new}.{p}"] = src(d + f"{old}.{p}")
+        for old, new in _DIFFUSERS_SINGLE_NORMS.items():
+            if d + old in present:
+                out[b + new] = src(d + old)
+        for p in ("weight", "bias"):
+            parts = [d + f"attn.{n}.{p}" for n in ("to_q", "to_k", "to_v")] + [d + f"proj_mlp.{p}"]
+            if all(x in present for x in parts):
+                out[b + f"linear1.{p}"] = Concat([src(x) for x in parts])
+    return out
+
+
+def _block_indices(names, stem: str) -> list[int]:
+    pattern = re.compile(rf"^{re.escape(stem)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for n in names if (m := pattern.match(n))})
+
+
+def infer_params(sources: dict[str, Source], path) -> FluxParams:
+    """The model configuration implied by the tensor shapes."""
+    def shape(name):
+        if name not in sources:
+            raise CheckpointError(path, "the transformer weights are incomplete", found=f"no '{name}'",
+                                  expected="a complete FLUX transformer")
+        return sources[name].shape
+
+    hidden, in_channels = shape("img_in.weight")
+    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0] if "double_blocks.0.img_attn.norm.query_norm.scale" in sources \
+        else shape("single_blocks.0.norm.query_norm.scale")[0]
+    if hidden % head_dim:
+        raise CheckpointError(path, "the shapes do not fit a FLUX transformer",
+                              found=f"hidden size {hidden} with q/k norm size {head_dim}",
+                              expected="a hidden size divisible by the head size")
+    mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0] if "double_blocks.0.img_mlp.0.weight" in sources \
+        else shape("single_blocks.0.linear1.weight")[0] - 3 * hidden
+    try:
+        axes = default_axes_dim(head_dim)
+    except ValueError as exc:
+        raise CheckpointError(path, "the head size does not split into rotary axes", found=str(exc)) from None
+    return FluxParams(
+        in_channels=in_channels,
+        out_channels=shape("final_layer.linear.weight")[0],
+        vec_in_dim=shape("vector_in.in_layer.weight")[1],
+        context_in_dim=shape("txt_in.weight")[1],
+        hidden_size=hidden,
+        mlp_ratio=mlp_hidden / hidden,
+        num_heads=hidden // head_dim,
+        depth=len(_block_indices(sources, "double_blocks")),
+        depth_single_blocks=len(_block_indices(sources, "single_blocks")),
+        axes_dim=axes,
+        qkv_bias=("double_blocks.0.img_attn.qkv.bias" in sources) if "double_blocks.0.img_attn.qkv.weight" in sources
+        else True,
+        guidance_embed="guidance_in.in_layer.weight" in sources,
+    )
