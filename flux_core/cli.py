@@ -1,0 +1,118 @@
+"""Command line: `python -m flux_core generate --prompt ... --out image.jpg`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import presets
+
+DEMO_IMAGE_SIZE = 256
+
+
+def _dtype(name: str):
+    import torch
+
+    try:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    except KeyError:
+        raise argparse.ArgumentTypeError("dtype must be bf16, fp16 or fp32") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m flux_core", description="FLUX.1 [dev] engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="make images from a prompt",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--prompt", required=True, help="what to draw")
+    g.add_argument("--out", default="image.jpg",
+                   help="output file; its suffix (.jpg .png .webp) picks the format; never overwritten")
+    g.add_argument("--aspect-ratio", default=presets.DEFAULT_ASPECT_RATIO, choices=presets.ASPECT_RATIOS)
+    g.add_argument("--image-size", type=int, default=None,
+                   help=f"longest side in pixels ({presets.IMAGE_SIZE_RANGE[0]}-{presets.IMAGE_SIZE_RANGE[1]}); "
+                        f"default {presets.DEFAULT_IMAGE_SIZE}, {DEMO_IMAGE_SIZE} with --demo")
+    g.add_argument("--num-inference-steps", "--steps", type=int, default=presets.DEFAULT_STEPS, dest="steps")
+    g.add_argument("--guidance", type=float, default=presets.DEFAULT_GUIDANCE, help="distilled guidance (not CFG)")
+    g.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (the seed used is printed)")
+    g.add_argument("--num-images", type=int, default=1, help="variations: image i uses seed + i")
+    g.add_argument("--output-format", choices=presets.OUTPUT_FORMATS, default=None,
+                   help="overrides the format implied by --out")
+    g.add_argument("--output-quality", type=int, default=presets.DEFAULT_OUTPUT_QUALITY, help="1-100, jpg/webp")
+    g.add_argument("--models-dir", default=os.environ.get("FLUX_MODELS_DIR", "models"),
+                   help="a ComfyUI-style models folder (diffusion_models/, text_encoders/, vae/); env FLUX_MODELS_DIR")
+    g.add_argument("--transformer", help="transformer file or diffusers folder (overrides --models-dir)")
+    g.add_argument("--vae", help="autoencoder file or folder")
+    g.add_argument("--t5", help="T5-XXL file or folder")
+    g.add_argument("--clip", help="CLIP-L file or folder")
+    g.add_argument("--tokenizer-dir", help="folder with the T5 and CLIP tokenizer files (found automatically "
+                                           "inside ComfyUI and in this project's host copy)")
+    g.add_argument("--device", default=None, help="cuda, cpu, mps, ...; default: cuda if available")
+    g.add_argument("--dtype", type=_dtype, default=None, help="bf16 (default), fp16 or fp32")
+    g.add_argument("--demo", action="store_true",
+                   help="tiny random weights, no downloads: shows the whole path working; the image is noise")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _model_paths(args) -> dict:
+    from .model_files import find_model_files, missing_files_message
+
+    if args.demo:
+        from .demo import demo_model_files
+
+        return demo_model_files()
+    found = find_model_files(args.models_dir)
+    explicit = {"transformer": args.transformer, "autoencoder": args.vae, "t5": args.t5, "clip": args.clip}
+    paths = {role: Path(explicit[role]) if explicit[role] else found[role] for role in explicit}
+    missing = [role for role, p in paths.items() if p is None]
+    if missing:
+        raise SystemExit(missing_files_message(args.models_dir, missing))
+    return paths
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .errors import FluxError
+    from .image_files import save_image
+    from .pipeline import generate, load_models
+    from .progress import ProgressBar
+
+    if args.image_size is None:
+        args.image_size = DEMO_IMAGE_SIZE if args.demo else presets.DEFAULT_IMAGE_SIZE
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or torch.bfloat16
+    output_format = args.output_format
+    if output_format is None:
+        from .image_files import format_from_path
+
+        output_format = format_from_path(args.out)
+    try:
+        presets.check_range("output_quality", args.output_quality, presets.QUALITY_RANGE)
+        paths = _model_paths(args)
+        if args.demo:
+            print("DEMO: tiny random weights, the image will be noise. Real weights: see README.", file=sys.stderr)
+        models = load_models(paths["transformer"], paths["autoencoder"], paths["t5"], paths["clip"],
+                             tokenizer_dir=args.tokenizer_dir, device=device, dtype=dtype)
+        bar = None if args.quiet else ProgressBar(args.steps, label="sampling")
+        result = generate(args.prompt, models, aspect_ratio=args.aspect_ratio, image_size=args.image_size,
+                          num_inference_steps=args.steps, guidance=args.guidance, seed=args.seed,
+                          num_images=args.num_images, callback=(lambda info: bar.update(info.step)) if bar else None)
+    except (FluxError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for image, seed, prompt in zip(result.images, result.seeds, result.prompts):
+        metadata = {"prompt": prompt, **result.settings, "seed": seed, "demo": bool(args.demo),
+                    "model": "flux1-dev (demo random weights)" if args.demo else str(paths["transformer"].name)}
+        written = save_image(image, args.out, output_format, args.output_quality, metadata=metadata)
+        print(f"wrote {written} ({result.width}x{result.height}, seed {seed}, "
+              f"{result.evaluations} transformer evaluations, {result.timings['total_s']:.1f}s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return cmd_generate(args)
+    return 1

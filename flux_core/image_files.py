@@ -1,0 +1,77 @@
+"""Writing images as jpg, png or webp with the generation settings in their metadata, never overwriting."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FORMAT_NAMES = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def format_from_path(path) -> str:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FORMAT_NAMES:
+        raise ValueError(f"cannot tell the image format from '{path}': use a .jpg, .png or .webp name")
+    return "jpg" if suffix == "jpeg" else suffix
+
+
+def _candidates(path: Path):
+    """path, then path with _1, _2, ... before the suffix."""
+    yield path
+    n = 1
+    while True:
+        yield path.with_name(f"{path.stem}_{n}{path.suffix}")
+        n += 1
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> Path:
+    """Move a finished temp file to its name; without overwrite, claim the first free name atomically."""
+    if overwrite:
+        os.replace(tmp, path)
+        return path
+    for candidate in _candidates(path):
+        try:
+            os.link(tmp, candidate)  # fails if the name exists, even when another process just took it
+        except FileExistsError:
+            continue
+        except OSError:  # file systems without hard links
+            if candidate.exists():
+                continue
+            os.replace(tmp, candidate)
+            return candidate
+        os.unlink(tmp)
+        return candidate
+    raise AssertionError("unreachable")
+
+
+def save_image(image, path, output_format: str | None = None, quality: int = 80, metadata: dict | None = None,
+               overwrite: bool = False) -> Path:
+    """Save a PIL image; metadata goes to PNG text chunks or the EXIF description of jpg/webp."""
+    from PIL import Image, PngImagePlugin
+
+    output_format = (output_format or format_from_path(path)).lower()
+    if output_format not in FORMAT_NAMES:
+        raise ValueError(f"output_format must be jpg, png or webp; got {output_format!r}")
+    path = Path(path)
+    if path.suffix.lower().lstrip(".") not in (output_format, "jpeg" if output_format == "jpg" else output_format):
+        path = path.with_suffix("." + output_format)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict = {}
+    text = json.dumps(metadata, ensure_ascii=False) if metadata else None
+    if output_format == "png":
+        info = PngImagePlugin.PngInfo()
+        for key, value in (metadata or {}).items():
+            info.add_text(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+        kwargs["pnginfo"] = info
+    else:
+        kwargs["quality"] = int(quality)
+        if text:
+            exif = Image.Exif()
+            exif[0x010E] = text  # ImageDescription
+            kwargs["exif"] = exif.tobytes()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # no half-written image under a final name
+    try:
+        image.save(tmp, format=FORMAT_NAMES[output_format], **kwargs)
+        return _publish(tmp, path, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)

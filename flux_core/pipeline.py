@@ -1,0 +1,148 @@
+"""Prompt to image: text encoding, seeded noise, flow-matching sampling and decoding."""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import presets, sampling
+
+
+@dataclass
+class FluxModels:
+    """The three parts of a FLUX.1 pipeline, loaded once and reused for many images."""
+
+    transformer: torch.nn.Module
+    autoencoder: torch.nn.Module
+    text_encoders: object  # has encode(list_of_prompts) -> (txt, vec)
+
+
+def load_models(transformer, autoencoder, t5, clip, tokenizer_dir=None, device="cpu",
+                dtype: torch.dtype = torch.bfloat16, ae_dtype: torch.dtype = torch.float32) -> FluxModels:
+    """Load every part from files (any supported layout)."""
+    from .loaders import load_autoencoder, load_text_encoders, load_transformer
+
+    return FluxModels(
+        transformer=load_transformer(transformer, device=device, dtype=dtype),
+        autoencoder=load_autoencoder(autoencoder, device=device, dtype=ae_dtype),
+        text_encoders=load_text_encoders(t5, clip, tokenizer_dir=tokenizer_dir, device=device, dtype=dtype),
+    )
+
+
+@dataclass
+class GenerationResult:
+    images: list                  # PIL images, one per (prompt, variation)
+    seeds: list[int]              # the seed each image was made from
+    prompts: list[str]
+    width: int
+    height: int
+    latents: Tensor               # final unpacked latents (B, 16, H/8, W/8), autoencoder-scaled
+    evaluations: int              # transformer evaluations per image
+    timings: dict[str, float] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+
+def resolve_seed(seed: int) -> int:
+    """-1 draws a random seed; anything else must be a non-negative integer."""
+    if seed == -1:
+        return secrets.randbits(32)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= presets.SEED_MAX:
+        raise ValueError(f"seed must be -1 (random) or an integer from 0 to {presets.SEED_MAX}; got {seed!r}")
+    return seed
+
+
+def latents_to_images(pixels: Tensor) -> list:
+    """Decoder output in [-1, 1], (B, 3, H, W) -> RGB PIL images."""
+    from PIL import Image
+
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, mode="RGB") for a in arr]
+
+
+class _CountingModel:
+    """Wraps the transformer to count evaluations (reported with every image)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, **kwargs):
+        self.calls += 1
+        return self.model(**kwargs)
+
+
+@torch.inference_mode()
+def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, transformer=None, autoencoder=None,
+             text_encoders=None, aspect_ratio: str = presets.DEFAULT_ASPECT_RATIO,
+             image_size: int = presets.DEFAULT_IMAGE_SIZE, num_inference_steps: int = presets.DEFAULT_STEPS,
+             guidance: float = presets.DEFAULT_GUIDANCE, seed: int = -1, num_images: int = 1,
+             width: int | None = None, height: int | None = None, initial_noise: Tensor | None = None,
+             callback: Callable[[sampling.StepInfo], None] | None = None, decode: bool = True) -> GenerationResult:
+    """Generate num_images images per prompt.
+
+    Image i of a prompt uses seed + i, so any image can be remade alone. width/height, when given,
+    override aspect_ratio/image_size (rounded down to multiples of 16). initial_noise (B, 16, H/8, W/8)
+    replaces the seeded noise. callback sees every step (raise from it to cancel).
+    """
+    models = models or FluxModels(transformer, autoencoder, text_encoders)
+    if models.transformer is None or models.text_encoders is None or (decode and models.autoencoder is None):
+        raise ValueError("generate needs a transformer, text encoders and (to decode) an autoencoder")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    presets.check_range("num_inference_steps", num_inference_steps, presets.STEPS_RANGE)
+    presets.check_range("guidance", guidance, presets.GUIDANCE_RANGE)
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive integer; got {num_images!r}")
+    if width is None and height is None:
+        width, height = presets.dimensions(aspect_ratio, image_size)
+    elif width is None or height is None:
+        raise ValueError("give both width and height, or neither")
+    else:
+        width, height = (max(16, v - v % 16) for v in (width, height))
+
+    base_seed = resolve_seed(seed)
+    seeds = [base_seed + i for p in prompts for i in range(num_images)]
+    all_prompts = [p for p in prompts for _ in range(num_images)]
+    model = models.transformer
+    device, dtype = model.device, model.dtype
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    txt, vec = models.text_encoders.encode(prompts)
+    txt = txt.to(device, dtype).repeat_interleave(num_images, dim=0)
+    vec = vec.to(device, dtype).repeat_interleave(num_images, dim=0)
+    timings["encode_s"] = time.perf_counter() - start
+
+    if initial_noise is None:
+        noise = torch.cat([sampling.get_noise(1, height, width, device, dtype, s) for s in seeds])
+    else:
+        expected = (len(seeds), sampling.LATENT_CHANNELS, *sampling.latent_size(height, width))
+        if tuple(initial_noise.shape) != expected:
+            raise ValueError(f"initial_noise must have shape {list(expected)}; got {list(initial_noise.shape)}")
+        noise = initial_noise.to(device, dtype)
+    inputs = sampling.prepare(noise, txt, vec)
+    timesteps = sampling.get_schedule(num_inference_steps, inputs["img"].shape[1], shift=True)
+
+    start = time.perf_counter()
+    counted = _CountingModel(model)
+    packed = sampling.denoise(counted, **inputs, timesteps=timesteps, guidance=guidance, callback=callback)
+    timings["denoise_s"] = time.perf_counter() - start
+    latents = sampling.unpack(packed.float(), height, width)
+
+    images = []
+    if decode:
+        start = time.perf_counter()
+        ae = models.autoencoder
+        ae_param = next(ae.parameters())
+        pixels = ae.decode(latents.to(ae_param.device, ae_param.dtype))
+        images = latents_to_images(pixels)
+        timings["decode_s"] = time.perf_counter() - start
+    timings["total_s"] = sum(timings.values())
+    settings = {"aspect_ratio": aspect_ratio, "image_size": image_size, "width": width, "height": height,
+                "num_inference_steps": num_inference_steps, "guidance": guidance, "seed": base_seed}
+    return GenerationResult(images=images, seeds=seeds, prompts=all_prompts, width=width, height=height,
+                            latents=latents, evaluations=counted.calls, timings=timings, settings=settings)
