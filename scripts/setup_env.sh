@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create or update .venv. "runtime": torch + the pack's dependencies. "test": also the test oracles and
-# the real ComfyUI host. Re-runs are cheap: a stamp records what was installed from which pyproject.
+# Create or update .venv. "runtime": torch + the pack's dependencies, plus a copy of the ComfyUI host
+# (its bundled tokenizer files serve the engine too). "test": also the test oracles and the host's own
+# requirements. Re-runs are cheap: a stamp records what was installed from which pyproject.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 level="${1:-runtime}"
@@ -14,6 +15,6 @@ if [ ! -e "$stamp" ]; then
   echo "setting up .venv ($level); the first time takes a few minutes" >&2
   .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" $TORCH_SPEC
   if [ "$level" = test ]; then "${pip[@]}" -e ".[test]"; else "${pip[@]}" -e .; fi
-  if [ "$level" = test ]; then .venv/bin/python scripts/install_comfyui.py; fi
+  .venv/bin/python scripts/install_comfyui.py >/dev/null
   touch "$stamp"
 fi

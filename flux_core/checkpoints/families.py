@@ -24,8 +24,12 @@ _OTHER_FAMILIES = [
 
 
 def find_prefixes(keys: Iterable[str], anchor: str) -> list[str]:
-    """Every prefix under which `anchor` occurs (a file may hold one part, or several in an all-in-one)."""
-    return sorted(k[: -len(anchor)] for k in keys if k.endswith(anchor))
+    """Every prefix under which `anchor` occurs (a file may hold one part, or several in an all-in-one).
+
+    A prefix is empty or ends with a dot, so 'single_transformer_blocks.0...' is no 'transformer_blocks.0...'.
+    """
+    found = (k[: -len(anchor)] for k in keys if k.endswith(anchor))
+    return sorted(p for p in found if p == "" or p.endswith("."))
 
 
 def describe(keys: Iterable[str]) -> str:

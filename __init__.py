@@ -1,0 +1,13 @@
+"""ComfyUI entry point of the pack. Imports nothing heavy: node classes load torch and the engine only
+when a node first runs, and an import problem is logged instead of breaking the host's start."""
+import logging
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+
+try:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
+except Exception:  # pragma: no cover - keep the host alive whatever happens here
+    logging.getLogger(__name__).exception("FLUX.1 [dev] Juiced: the nodes failed to load")
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
