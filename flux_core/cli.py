@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-dir", help="folder with the T5 and CLIP tokenizer files (found automatically "
                                            "inside ComfyUI and in this project's host copy)")
     g.add_argument("--device", default=None, help="cuda, cpu, mps, ...; default: cuda if available")
-    g.add_argument("--dtype", type=_dtype, default=None, help="bf16 (default), fp16 or fp32")
+    g.add_argument("--dtype", type=_dtype, default=None, help="bf16, fp16 or fp32; default bf16 on GPUs, fp32 on the CPU")
     g.add_argument("--demo", action="store_true",
                    help="tiny random weights, no downloads: shows the whole path working; the image is noise")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -82,7 +82,7 @@ def cmd_generate(args) -> int:
     if args.image_size is None:
         args.image_size = DEMO_IMAGE_SIZE if args.demo else presets.DEFAULT_IMAGE_SIZE
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or torch.bfloat16
+    dtype = args.dtype or (torch.float32 if device == "cpu" else torch.bfloat16)  # CPUs are slow at bf16
     output_format = args.output_format
     if output_format is None:
         from .image_files import format_from_path

@@ -1,0 +1,50 @@
+"""Tiny random weights with the real file layouts, so the whole path runs on a CPU with no downloads.
+
+The files are written once into a cache folder and then loaded through the same loaders as real
+weights; the images they give are noise.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .model import Flux, FluxParams
+
+# Widths chain like the real model: T5 d_model -> context_in_dim, CLIP hidden -> vec_in_dim.
+TINY_FLUX = FluxParams(hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=64,
+                       vec_in_dim=64, axes_dim=[16, 56, 56])
+DEMO_FILES = {"transformer": "flux1-dev-demo.safetensors", "autoencoder": "ae-demo.safetensors",
+              "t5": "t5xxl-demo.safetensors", "clip": "clip_l-demo.safetensors"}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FLUX_DEMO_DIR", Path(__file__).resolve().parent.parent / ".cache" / "demo"))
+
+
+def _random_modules() -> dict[str, torch.nn.Module]:
+    from .autoencoder import TINY_AE, AutoEncoder
+    from .text_encoders.clip import TINY_CLIP, CLIPTextModel
+    from .text_encoders.t5 import TINY_T5, T5Encoder
+
+    torch.manual_seed(0)
+    return {"transformer": Flux(TINY_FLUX), "autoencoder": AutoEncoder(TINY_AE), "t5": T5Encoder(TINY_T5),
+            "clip": CLIPTextModel(TINY_CLIP)}
+
+
+def demo_model_files(cache_dir=None) -> dict[str, Path]:
+    """Paths of the tiny random model files, written on first use."""
+    from safetensors.torch import save_file
+
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    paths = {role: folder / name for role, name in DEMO_FILES.items()}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    for role, module in _random_modules().items():
+        state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        tmp = paths[role].with_suffix(".part")
+        save_file(state, tmp, metadata={"flux_core": "demo random weights"})
+        os.replace(tmp, paths[role])
+    return paths
