@@ -20,7 +20,7 @@ PIXEL_MULTIPLE = 16  # 8x autoencoder times 2x2 patches
 
 
 def _round_to_multiple(value: float, multiple: int = PIXEL_MULTIPLE) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
+    return max(multiple, int(value / multiple + 0.5) * multiple)  # half rounds up, not to even
 
 
 def dimensions(aspect_ratio: str = DEFAULT_ASPECT_RATIO, image_size: int = DEFAULT_IMAGE_SIZE) -> tuple[int, int]:

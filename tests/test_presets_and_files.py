@@ -14,7 +14,7 @@ def test_every_aspect_ratio_gives_multiples_of_16_near_the_ratio(ratio, size):
     w, h = presets.dimensions(ratio, size)
     assert w % 16 == 0 and h % 16 == 0 and w >= 16 and h >= 16
     rw, rh = (int(x) for x in ratio.split(":"))
-    assert max(w, h) == max(16, round(size / 16) * 16)
+    assert max(w, h) == max(16, int(size / 16 + 0.5) * 16)
     # Rounding to 16 moves the ratio by at most half a 16-pixel step on the short side.
     short_exact = size * min(rw, rh) / max(rw, rh)
     assert abs(min(w, h) - short_exact) <= 8 or min(w, h) == 16

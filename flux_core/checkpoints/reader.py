@@ -183,11 +183,17 @@ def open_checkpoint(path) -> TensorFile:
     return TensorFile(path, [_Shard(path)])
 
 
+def _prefer_plain(paths: list[Path], suffix: str) -> list[Path]:
+    """Drop diffusers' variant copies (name.fp16.safetensors) when a plain file sits beside them."""
+    plain = [p for p in paths if "." not in p.name[: -len(suffix)]]
+    return plain or paths
+
+
 def _open_folder(folder: Path) -> TensorFile:
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    indexes = _prefer_plain(sorted(folder.glob("*.safetensors.index.json")), ".safetensors.index.json")
     if len(indexes) == 1:
         return _open_index(indexes[0])
-    files = sorted(folder.glob("*.safetensors"))
+    files = _prefer_plain(sorted(folder.glob("*.safetensors")), ".safetensors")
     if len(files) == 1:
         return TensorFile(folder, [_Shard(files[0])])
     found = ", ".join(p.name for p in sorted(folder.iterdir())[:8]) or "an empty folder"
