@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from ..autoencoder import AutoEncoder, AutoEncoderParams
 from ..errors import CheckpointError
 from .families import VAE_BFL, VAE_DIFFUSERS, describe, find_prefixes
-from .materialize import materialize
+from .materialize import LoadPlan
 from .reader import TensorFile, open_checkpoint
 from .sources import FileTensor, Reshaped, Source, is_quant_aux
 
@@ -202,8 +204,9 @@ def _diffusers_scaling(path: Path, params: AutoEncoderParams) -> AutoEncoderPara
     return params
 
 
-def load_autoencoder(path, device="cpu", dtype: torch.dtype = torch.float32) -> AutoEncoder:
-    """Load the FLUX autoencoder from any supported layout; the configuration comes from the shapes."""
+@contextmanager
+def autoencoder_plan(path) -> Iterator[LoadPlan]:
+    """The autoencoder in `path`, built on meta, with the sources that fill it (file open while in use)."""
     resolved = resolve_autoencoder_path(path)
     with open_checkpoint(resolved) as tf:
         sources = autoencoder_sources(tf)
@@ -211,7 +214,13 @@ def load_autoencoder(path, device="cpu", dtype: torch.dtype = torch.float32) -> 
         with torch.device("meta"):
             model = AutoEncoder(params)
         _refuse_extra(model, sources, tf.path)
-        return materialize(model, sources, path=tf.path, what=_WHAT, device=device, dtype=dtype)
+        yield LoadPlan(model, sources, tf.path, _WHAT)
+
+
+def load_autoencoder(path, device="cpu", dtype: torch.dtype = torch.float32) -> AutoEncoder:
+    """Load the FLUX autoencoder from any supported layout; the configuration comes from the shapes."""
+    with autoencoder_plan(path) as plan:
+        return plan.materialize(device=device, dtype=dtype)
 
 
 def _refuse_extra(model: AutoEncoder, sources: dict[str, Source], path):

@@ -6,7 +6,8 @@ tensor.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -34,13 +35,13 @@ def check_shapes(module: nn.Module, sources: dict[str, Source], path, what: str)
                                   found=f"'{name}' of shape {list(got)}", expected=f"shape {list(ref.shape)}")
 
 
-def materialize(module: nn.Module, sources: dict[str, Source], *, path, what: str,
-                device="cpu", dtype: torch.dtype | None = None,
-                dtype_for: Callable[[str], torch.dtype | None] | None = None) -> nn.Module:
-    """Load `sources` into `module` (built on meta) in place and return it in eval mode.
+def iter_tensors(module: nn.Module, sources: dict[str, Source], *, path, what: str, device="cpu",
+                 dtype: torch.dtype | None = None,
+                 dtype_for: Callable[[str], torch.dtype | None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of `module` (built on meta), converted and placed, one at a time.
 
-    `dtype` converts floating-point tensors; `dtype_for(name)` may override it per tensor (None keeps
-    the default).
+    Every shape is checked before the first read. `dtype` converts floating-point tensors; `dtype_for(name)`
+    may override it per tensor (None keeps the default).
     """
     check_shapes(module, sources, path, what)
     device = torch.device(device)
@@ -50,13 +51,43 @@ def materialize(module: nn.Module, sources: dict[str, Source], *, path, what: st
         if dtype_for is not None:
             target = dtype_for(name) or dtype
         if target is not None and tensor.is_floating_point():
-            tensor = tensor.to(device=device, dtype=target)
+            yield name, tensor.to(device=device, dtype=target)
         else:
-            tensor = tensor.to(device=device)
+            yield name, tensor.to(device=device)
+
+
+def materialize(module: nn.Module, sources: dict[str, Source], **kwargs) -> nn.Module:
+    """Load `sources` into `module` (built on meta) in place and return it in eval mode."""
+    for name, tensor in iter_tensors(module, sources, **kwargs):
         _assign(module, name, tensor)
         del tensor
     module.eval()
     return module
+
+
+def read_state_dict(module: nn.Module, sources: dict[str, Source], **kwargs) -> dict[str, torch.Tensor]:
+    """The same tensors as materialize would load, as a plain state dict (for hosts that build their own model)."""
+    return dict(iter_tensors(module, sources, **kwargs))
+
+
+@dataclass
+class LoadPlan:
+    """A model built on meta and the lazy sources that fill it: materialize it, or read it as a state dict."""
+
+    module: nn.Module
+    sources: dict[str, Source]
+    path: object
+    what: str
+    dtype_for: Callable[[str], torch.dtype | None] | None = None
+
+    def _kwargs(self, device, dtype):
+        return dict(path=self.path, what=self.what, device=device, dtype=dtype, dtype_for=self.dtype_for)
+
+    def materialize(self, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
+        return materialize(self.module, self.sources, **self._kwargs(device, dtype))
+
+    def state_dict(self, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return read_state_dict(self.module, self.sources, **self._kwargs(device, dtype))
 
 
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor):

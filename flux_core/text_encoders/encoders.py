@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
-from ..checkpoints.materialize import materialize
+from ..checkpoints.materialize import LoadPlan
 from ..checkpoints.reader import open_checkpoint
 from .clip import CLIPConfig, CLIPTextModel
 from .keys import clip_sources, infer_clip_config, infer_t5_config, resolve_folder, t5_sources
@@ -20,25 +22,38 @@ def _t5_dtype_for(dtype: torch.dtype):
     return lambda name: torch.float32 if name.endswith("DenseReluDense.wo.weight") else None
 
 
-def load_t5(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> T5Encoder:
-    """A T5 encoder from any supported file or folder; its config comes from the tensor shapes."""
+@contextmanager
+def t5_plan(path, dtype: torch.dtype | None = None) -> Iterator[LoadPlan]:
+    """The T5 encoder in `path`, built on meta, with the sources that fill it (file open while in use)."""
     with open_checkpoint(resolve_folder(path, "t5")) as tf:
         sources = t5_sources(tf)
         cfg = infer_t5_config(sources, tf.path)
         with torch.device("meta"):
             model = T5Encoder(cfg)
-        return materialize(model, sources, path=tf.path, what="T5 encoder", device=device, dtype=dtype,
-                           dtype_for=_t5_dtype_for(dtype))
+        yield LoadPlan(model, sources, tf.path, "T5 encoder", _t5_dtype_for(dtype))
 
 
-def load_clip(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> CLIPTextModel:
-    """A CLIP text model from any supported file or folder; its config comes from the tensor shapes."""
+@contextmanager
+def clip_plan(path) -> Iterator[LoadPlan]:
+    """The CLIP text model in `path`, built on meta, with the sources that fill it."""
     with open_checkpoint(resolve_folder(path, "clip")) as tf:
         sources = clip_sources(tf)
         cfg = infer_clip_config(sources, tf.path)
         with torch.device("meta"):
             model = CLIPTextModel(cfg)
-        return materialize(model, sources, path=tf.path, what="CLIP text encoder", device=device, dtype=dtype)
+        yield LoadPlan(model, sources, tf.path, "CLIP text encoder")
+
+
+def load_t5(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> T5Encoder:
+    """A T5 encoder from any supported file or folder; its config comes from the tensor shapes."""
+    with t5_plan(path, dtype) as plan:
+        return plan.materialize(device=device, dtype=dtype)
+
+
+def load_clip(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> CLIPTextModel:
+    """A CLIP text model from any supported file or folder; its config comes from the tensor shapes."""
+    with clip_plan(path) as plan:
+        return plan.materialize(device=device, dtype=dtype)
 
 
 def random_text_encoders(t5_config: T5Config, clip_config: CLIPConfig, tokenizer_dir=None, device="cpu",
