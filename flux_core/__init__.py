@@ -10,22 +10,23 @@ import importlib
 
 __version__ = "0.1.0"
 
+# Relative module names: the engine is also imported as a sub-package of the ComfyUI pack.
 _EXPORTS = {
-    "load_transformer": "flux_core.loaders",
-    "load_autoencoder": "flux_core.loaders",
-    "load_text_encoders": "flux_core.loaders",
-    "generate": "flux_core.pipeline",
-    "FluxParams": "flux_core.model",
-    "Flux": "flux_core.model",
-    "CheckpointError": "flux_core.errors",
-    "FluxError": "flux_core.errors",
+    "load_transformer": ".loaders",
+    "load_autoencoder": ".loaders",
+    "load_text_encoders": ".loaders",
+    "generate": ".pipeline",
+    "FluxParams": ".model",
+    "Flux": ".model",
+    "CheckpointError": ".errors",
+    "FluxError": ".errors",
 }
 __all__ = sorted(_EXPORTS) + ["sampling"]
 
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     if name in ("sampling", "presets", "model", "autoencoder", "text_encoders", "checkpoints", "pipeline"):
-        return importlib.import_module(f"flux_core.{name}")
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'flux_core' has no attribute {name!r}")

@@ -44,9 +44,20 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> Path:
     raise AssertionError("unreachable")
 
 
+# Where ComfyUI itself keeps graphs in EXIF (its animated WebP saver): tag -> the graph it holds.
+EXIF_GRAPH_TAGS = {"prompt": 0x0110, "workflow": 0x010F}
+EXIF_DESCRIPTION = 0x010E
+JPEG_EXIF_LIMIT = 65_000  # a JPEG APP1 segment holds at most 64 KiB
+
+
 def save_image(image, path, output_format: str | None = None, quality: int = 80, metadata: dict | None = None,
-               overwrite: bool = False) -> Path:
-    """Save a PIL image; metadata goes to PNG text chunks or the EXIF description of jpg/webp."""
+               overwrite: bool = False, graphs: dict | None = None) -> Path:
+    """Save a PIL image without overwriting (unless asked) and never leaving a half-written file.
+
+    metadata (settings, seed, ...) goes to PNG text chunks, or as JSON to the EXIF description of jpg/webp.
+    graphs ({"prompt": api_graph, "workflow": ui_graph}) are embedded as ComfyUI does: PNG text chunks, or
+    EXIF entries "prompt:<json>" / "workflow:<json>" (left out of a JPEG when they would not fit).
+    """
     from PIL import Image, PngImagePlugin
 
     output_format = (output_format or format_from_path(path)).lower()
@@ -57,17 +68,23 @@ def save_image(image, path, output_format: str | None = None, quality: int = 80,
         path = path.with_suffix("." + output_format)
     path.parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict = {}
-    text = json.dumps(metadata, ensure_ascii=False) if metadata else None
+    graphs = {k: v for k, v in (graphs or {}).items() if v is not None}
     if output_format == "png":
         info = PngImagePlugin.PngInfo()
-        for key, value in (metadata or {}).items():
+        for key, value in list((metadata or {}).items()) + list(graphs.items()):
             info.add_text(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
         kwargs["pnginfo"] = info
     else:
         kwargs["quality"] = int(quality)
-        if text:
-            exif = Image.Exif()
-            exif[0x010E] = text  # ImageDescription
+        exif = Image.Exif()
+        if metadata:
+            exif[EXIF_DESCRIPTION] = json.dumps(metadata, ensure_ascii=False)
+        for key, value in graphs.items():
+            entry = f"{key}:{json.dumps(value, ensure_ascii=False)}"
+            if output_format == "jpg" and len(exif.tobytes()) + len(entry.encode()) > JPEG_EXIF_LIMIT:
+                continue
+            exif[EXIF_GRAPH_TAGS[key]] = entry
+        if len(exif):
             kwargs["exif"] = exif.tobytes()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # no half-written image under a final name
     try:
