@@ -15,6 +15,8 @@ from .model import Flux, FluxParams
 # Widths chain like the real model: T5 d_model -> context_in_dim, CLIP hidden -> vec_in_dim.
 TINY_FLUX = FluxParams(hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=64,
                        vec_in_dim=64, axes_dim=[16, 56, 56])
+# Bumped when the demo models change, so stale cached files are rebuilt.
+DEMO_VERSION = 2
 DEMO_FILES = {"transformer": "flux1-dev-demo.safetensors", "autoencoder": "ae-demo.safetensors",
               "t5": "t5xxl-demo.safetensors", "clip": "clip_l-demo.safetensors"}
 
@@ -24,12 +26,14 @@ def default_cache_dir() -> Path:
 
 
 def _random_modules() -> dict[str, torch.nn.Module]:
-    from .autoencoder import TINY_AE, AutoEncoder
+    # The autoencoder keeps the real size: ComfyUI builds FLUX's autoencoder with fixed widths, and the
+    # demo files also feed the pack's nodes inside ComfyUI. It is small next to the transformer anyway.
+    from .autoencoder import FLUX_AE, AutoEncoder
     from .text_encoders.clip import TINY_CLIP, CLIPTextModel
     from .text_encoders.t5 import TINY_T5, T5Encoder
 
     torch.manual_seed(0)
-    return {"transformer": Flux(TINY_FLUX), "autoencoder": AutoEncoder(TINY_AE), "t5": T5Encoder(TINY_T5),
+    return {"transformer": Flux(TINY_FLUX), "autoencoder": AutoEncoder(FLUX_AE), "t5": T5Encoder(TINY_T5),
             "clip": CLIPTextModel(TINY_CLIP)}
 
 
@@ -37,13 +41,13 @@ def demo_model_files(cache_dir=None) -> dict[str, Path]:
     """Paths of the tiny random model files, written on first use."""
     from safetensors.torch import save_file
 
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"v{DEMO_VERSION}"
     paths = {role: folder / name for role, name in DEMO_FILES.items()}
     if all(p.exists() for p in paths.values()):
         return paths
     folder.mkdir(parents=True, exist_ok=True)
     for role, module in _random_modules().items():
-        state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in module.state_dict().items()}
         tmp = paths[role].with_suffix(".part")
         save_file(state, tmp, metadata={"flux_core": "demo random weights"})
         os.replace(tmp, paths[role])

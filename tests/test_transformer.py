@@ -18,6 +18,7 @@ from comfy_import import comfy_flux, comfy_forward, host_load_diffusion_model
 from flux_core.checkpoints import reader
 from flux_core.errors import CheckpointError
 from flux_core.loaders import load_transformer
+from flux_core.model import Flux
 
 # fp32 parity tolerance on outputs of magnitude ~3 (max |out| ~3.6, std ~1.2). Observed: ~1.5e-6 against
 # diffusers and ComfyUI. One swapped q/k chunk, shift/scale pair or head split moves the output by 0.1 to 3
@@ -72,8 +73,6 @@ def reads(monkeypatch):
 def test_reference_key_table_matches_model_and_diffusers(dev):
     table = tf.bfl_shapes(dev.p)
     with torch.device("meta"):
-        from flux_core.model import Flux
-
         ours = {k: tuple(v.shape) for k, v in Flux(dev.p).state_dict().items()}
     assert ours == table
     assert {k: tuple(v.shape) for k, v in dev.bfl.items()} == table
