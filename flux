@@ -3,6 +3,8 @@
 #   ./flux demo                 generate an image from tiny random weights (no downloads, runs on a CPU)
 #   ./flux generate ARGS...     python -m flux_core generate ARGS... (see --help)
 #   ./flux test [PYTEST ARGS]   install the test oracles and the real ComfyUI host, then run the test suite
+#   ./flux comfyui [ARGS...]    start ComfyUI 0.3.75 with this pack for the graph editor (--models-dir DIR, --port N)
+#   ./flux workflow [ARGS...]   run the text-to-image workflow headlessly over the API and write the image
 #   ./flux python ARGS...       run the project's Python
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,6 +14,8 @@ case "$cmd" in
             exec .venv/bin/python -m flux_core generate --demo --prompt "a juicy orange on a wooden table" --out demo.jpg "$@" ;;
   generate) scripts/setup_env.sh runtime; exec .venv/bin/python -m flux_core generate "$@" ;;
   test)     scripts/setup_env.sh test; exec .venv/bin/python -m pytest "$@" ;;
+  comfyui)  scripts/setup_env.sh test; exec .venv/bin/python scripts/comfyui.py serve "$@" ;;
+  workflow) scripts/setup_env.sh test; exec .venv/bin/python scripts/comfyui.py run-workflow "$@" ;;
   python)   scripts/setup_env.sh runtime; exec .venv/bin/python "$@" ;;
-  *)        sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] ;;
+  *)        sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] ;;
 esac

@@ -1,0 +1,193 @@
+"""Run ComfyUI 0.3.75 with this pack: for the graph editor (`serve`), or headless to run one API-format
+workflow and write its image (`run-workflow`).
+
+The host copy comes from scripts/install_comfyui.py; ComfyUI's own folders (models, output, user) live in
+a home folder (.cache/comfyui-home by default), and --models-dir points the loaders at an existing
+ComfyUI-style models folder. Without real weights, `run-workflow` uses tiny demo weights and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
+from install_comfyui import comfyui_dir, install  # noqa: E402
+
+PACK_NAME = "comfyui-flux-juiced"
+DEFAULT_HOME = ROOT / ".cache" / "comfyui-home"
+DEFAULT_WORKFLOW = ROOT / "workflows" / "api" / "flux_text_to_image.json"
+MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "checkpoints")
+
+
+def prepare_home(home: Path, models_dir: Path | None) -> list[str]:
+    """Create the home folder with the pack linked in; returns extra ComfyUI arguments."""
+    (home / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    link = home / "custom_nodes" / PACK_NAME
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    for folder in MODEL_FOLDERS:
+        (home / "models" / folder).mkdir(parents=True, exist_ok=True)
+    if not models_dir:
+        return []
+    config = home / "extra_model_paths.yaml"
+    lines = ["flux_juiced_models:", f"    base_path: {Path(models_dir).resolve()}"]
+    lines += [f"    {folder}: {folder}" for folder in MODEL_FOLDERS]
+    config.write_text("\n".join(lines) + "\n")
+    return ["--extra-model-paths-config", str(config)]
+
+
+def comfy_command(home: Path, port: int, listen: str, extra: list[str]) -> list[str]:
+    import torch
+
+    host = install(comfyui_dir())
+    cmd = [sys.executable, str(host / "main.py"), "--listen", listen, "--port", str(port), "--base-directory",
+           str(home), "--preview-method", "latent2rgb", *extra]
+    if not torch.cuda.is_available():
+        cmd.append("--cpu")
+    return cmd
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 30):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def _post(url: str, payload: dict):
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"ComfyUI refused the workflow ({exc.code}): {exc.read().decode()[:2000]}") from None
+
+
+def _demo_weights(home: Path, workflow: dict) -> bool:
+    """Put tiny demo weights under the file names the workflow asks for, where no real file is present."""
+    from flux_core.demo import demo_model_files
+
+    wanted = {"transformer_name": ("transformer", "diffusion_models"), "t5_name": ("t5", "text_encoders"),
+              "clip_name": ("clip", "text_encoders"), "vae_name": ("autoencoder", "vae")}
+    demo = None
+    used = False
+    for node in workflow.values():
+        for key, value in node.get("inputs", {}).items():
+            if key in wanted and isinstance(value, str):
+                role, folder = wanted[key]
+                target = home / "models" / folder / value
+                if not target.exists():
+                    demo = demo or demo_model_files()
+                    shutil.copyfile(demo[role], target)
+                    used = True
+    return used
+
+
+def run_workflow(args) -> int:
+    workflow = json.loads(Path(args.workflow).read_text())
+    for node in workflow.values():
+        inputs = node.get("inputs", {})
+        if args.prompt is not None and "prompt" in inputs and isinstance(inputs["prompt"], str):
+            inputs["prompt"] = args.prompt
+        if args.seed is not None and "seed" in inputs:
+            inputs["seed"] = args.seed
+    home = Path(args.home)
+    extra = prepare_home(home, args.models_dir)
+    demo = _demo_weights(home, workflow) if not args.models_dir else False
+    if demo:
+        print("DEMO: real weights not found, using tiny random weights: the image will be noise.", file=sys.stderr)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = home / "headless.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(comfy_command(home, port, "127.0.0.1", extra + ["--disable-api-nodes"]),
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=comfyui_dir())
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"ComfyUI did not start; see {log_path}")
+            try:
+                _get(url + "/system_stats", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.3)
+        prompt_id = _post(url + "/prompt", {"prompt": workflow})["prompt_id"]
+        print(f"queued {args.workflow} as {prompt_id}", file=sys.stderr)
+        while True:
+            entry = json.loads(_get(f"{url}/history/{prompt_id}")).get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None and (
+                    entry["status"]["completed"] or entry["status"].get("status_str") == "error"):
+                break
+            if time.monotonic() > deadline + 3600:
+                raise SystemExit("the workflow did not finish")
+            time.sleep(0.3)
+        if entry["status"].get("status_str") != "success":
+            errors = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+            detail = errors[0][1].get("exception_message", "") if errors else json.dumps(entry["status"])[:1000]
+            raise SystemExit(f"the workflow failed: {detail}")
+        images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+        out = Path(args.out)
+        for i, image in enumerate(images):
+            query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+            data = _get(f"{url}/view?{query}")
+            target = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{Path(image['filename']).suffix}")
+            if len(images) == 1 and target.suffix.lower() != Path(image["filename"]).suffix.lower():
+                target = target.with_suffix(Path(image["filename"]).suffix)
+            target.write_bytes(data)
+            print(f"wrote {target}" + (" (DEMO weights: noise)" if demo else ""))
+        return 0
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def serve(args) -> int:
+    home = Path(args.home)
+    extra = prepare_home(home, args.models_dir)
+    cmd = comfy_command(home, args.port, args.listen, extra)
+    print(f"ComfyUI with the FLUX.1 [dev] Juiced pack: open http://{args.listen}:{args.port} "
+          f"(models in {args.models_dir or home / 'models'})", file=sys.stderr)
+    return subprocess.call(cmd, cwd=comfyui_dir())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/comfyui.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("serve", "run-workflow"):
+        p = sub.add_parser(name)
+        p.add_argument("--home", default=os.environ.get("FLUX_COMFYUI_HOME", DEFAULT_HOME),
+                       help="ComfyUI's base directory (models/, output/, user/)")
+        p.add_argument("--models-dir", default=None, help="an existing ComfyUI-style models folder to use")
+        if name == "serve":
+            p.add_argument("--port", type=int, default=8188)
+            p.add_argument("--listen", default="127.0.0.1")
+        else:
+            p.add_argument("--workflow", default=str(DEFAULT_WORKFLOW), help="an API-format workflow")
+            p.add_argument("--prompt", default=None, help="replaces the workflow's prompt text")
+            p.add_argument("--seed", type=int, default=None, help="replaces the workflow's seed")
+            p.add_argument("--out", default="comfyui_image.jpg", help="where to write the image")
+    args = parser.parse_args(argv)
+    return serve(args) if args.command == "serve" else run_workflow(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
