@@ -70,44 +70,35 @@ def _diffusers_sources(tf: TensorFile, prefix: str) -> dict[str, Source]:
     def src(name):
         return FileTensor(tf, prefix + name)
 
-    out: dict[str, Source] = {}
     present = {k[len(prefix):] for k in tf.keys() if k.startswith(prefix) and not is_quant_aux(k)}
-    for old, new in _DIFFUSERS_GLOBAL.items():
-        for p in ("weight", "bias"):
-            if f"{old}.{p}" in present:
-                out[f"{new}.{p}"] = src(f"{old}.{p}")
+    out: dict[str, Source] = {}
+
+    def rename(old: str, new: str, table: dict, norms: dict, fused: dict):
+        """Copy renamed Linear weights/biases and norm scales; concatenate fused projections."""
+        for a, b in table.items():
+            for p in ("weight", "bias"):
+                if f"{old}{a}.{p}" in present:
+                    out[f"{new}{b}.{p}"] = src(f"{old}{a}.{p}")
+        for a, b in norms.items():
+            if old + a in present:
+                out[new + b] = src(old + a)
+        for target, parts in fused.items():
+            for p in ("weight", "bias"):
+                names = [f"{old}{n}.{p}" for n in parts]
+                if all(n in present for n in names):
+                    out[f"{new}{target}.{p}"] = Concat([src(n) for n in names])
+
+    rename("", "", _DIFFUSERS_GLOBAL, {}, {})
     for p in ("weight", "bias"):
         if f"norm_out.linear.{p}" in present:
             out[f"final_layer.adaLN_modulation.1.{p}"] = SwapHalves(src(f"norm_out.linear.{p}"))
-
     for i in _block_indices(present, "transformer_blocks"):
-        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for old, new in _DIFFUSERS_DOUBLE.items():
-            for p in ("weight", "bias"):
-                if d + f"{old}.{p}" in present:
-                    out[b + f"{new}.{p}"] = src(d + f"{old}.{p}")
-        for old, new in _DIFFUSERS_DOUBLE_NORMS.items():
-            if d + old in present:
-                out[b + new] = src(d + old)
-        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
-            for p in ("weight", "bias"):
-                parts = [d + f"attn.{n}.{p}" for n in names]
-                if all(x in present for x in parts):
-                    out[b + f"{stream}_attn.qkv.{p}"] = Concat([src(x) for x in parts])
-
+        rename(f"transformer_blocks.{i}.", f"double_blocks.{i}.", _DIFFUSERS_DOUBLE, _DIFFUSERS_DOUBLE_NORMS,
+               {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")})
     for i in _block_indices(present, "single_transformer_blocks"):
-        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for old, new in _DIFFUSERS_SINGLE.items():
-            for p in ("weight", "bias"):
-                if d + f"{old}.{p}" in present:
-                    out[b + f"{new}.{p}"] = src(d + f"{old}.{p}")
-        for old, new in _DIFFUSERS_SINGLE_NORMS.items():
-            if d + old in present:
-                out[b + new] = src(d + old)
-        for p in ("weight", "bias"):
-            parts = [d + f"attn.{n}.{p}" for n in ("to_q", "to_k", "to_v")] + [d + f"proj_mlp.{p}"]
-            if all(x in present for x in parts):
-                out[b + f"linear1.{p}"] = Concat([src(x) for x in parts])
+        rename(f"single_transformer_blocks.{i}.", f"single_blocks.{i}.", _DIFFUSERS_SINGLE, _DIFFUSERS_SINGLE_NORMS,
+               {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")})
     return out
 
 
@@ -125,14 +116,19 @@ def infer_params(sources: dict[str, Source], path) -> FluxParams:
         return sources[name].shape
 
     hidden, in_channels = shape("img_in.weight")
-    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0] if "double_blocks.0.img_attn.norm.query_norm.scale" in sources \
-        else shape("single_blocks.0.norm.query_norm.scale")[0]
+    # Head size and MLP width from the first double block, or the first single block of a model without any.
+    if "double_blocks.0.img_attn.norm.query_norm.scale" in sources:
+        head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+        mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0]
+        qkv_bias = "double_blocks.0.img_attn.qkv.bias" in sources
+    else:
+        head_dim = shape("single_blocks.0.norm.query_norm.scale")[0]
+        mlp_hidden = shape("single_blocks.0.linear1.weight")[0] - 3 * hidden
+        qkv_bias = True
     if hidden % head_dim:
         raise CheckpointError(path, "the shapes do not fit a FLUX transformer",
                               found=f"hidden size {hidden} with q/k norm size {head_dim}",
                               expected="a hidden size divisible by the head size")
-    mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0] if "double_blocks.0.img_mlp.0.weight" in sources \
-        else shape("single_blocks.0.linear1.weight")[0] - 3 * hidden
     try:
         axes = default_axes_dim(head_dim)
     except ValueError as exc:
@@ -148,7 +144,6 @@ def infer_params(sources: dict[str, Source], path) -> FluxParams:
         depth=len(_block_indices(sources, "double_blocks")),
         depth_single_blocks=len(_block_indices(sources, "single_blocks")),
         axes_dim=axes,
-        qkv_bias=("double_blocks.0.img_attn.qkv.bias" in sources) if "double_blocks.0.img_attn.qkv.weight" in sources
-        else True,
+        qkv_bias=qkv_bias,
         guidance_embed="guidance_in.in_layer.weight" in sources,
     )

@@ -32,7 +32,26 @@ _CLIP_SPLIT = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L
                r"|[^\s\p{L}\p{N}]+")
 
 
-class T5Tokenizer:
+class _FixedLengthTokenizer:
+    """Prompts to (B, max_length) id tensors: each subclass frames and pads one row its own way."""
+
+    _tok = None
+    max_length: int
+
+    def ids(self, prompt: str) -> list[int]:
+        """The prompt's ids without special tokens or padding."""
+        return self._tok.encode(prompt, add_special_tokens=False).ids
+
+    def _row(self, ids: list[int], n: int) -> list[int]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+        n = max_length or self.max_length
+        encoded = self._tok.encode_batch(list(prompts), add_special_tokens=False)
+        return torch.tensor([self._row(e.ids, n) for e in encoded], dtype=torch.long)
+
+
+class T5Tokenizer(_FixedLengthTokenizer):
     def __init__(self, folder: Path, max_length: int = 512):
         import tokenizers
 
@@ -45,20 +64,12 @@ class T5Tokenizer:
             raise TokenizerFilesMissing(f"{self.folder / 'tokenizer.json'} is not a T5 tokenizer: it has no "
                                         "'</s>' or '<pad>' token")
 
-    def ids(self, prompt: str) -> list[int]:
-        """The prompt's ids without special tokens or padding."""
-        return self._tok.encode(prompt, add_special_tokens=False).ids
-
-    def __call__(self, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
-        n = max_length or self.max_length
-        rows = []
-        for ids in (e.ids for e in self._tok.encode_batch(list(prompts), add_special_tokens=False)):
-            ids = ids[: n - 1] + [self.eos_id]
-            rows.append(ids + [self.pad_id] * (n - len(ids)))
-        return torch.tensor(rows, dtype=torch.long)
+    def _row(self, ids: list[int], n: int) -> list[int]:
+        ids = ids[: n - 1] + [self.eos_id]
+        return ids + [self.pad_id] * (n - len(ids))
 
 
-class CLIPTokenizer:
+class CLIPTokenizer(_FixedLengthTokenizer):
     def __init__(self, folder: Path, max_length: int = 77):
         from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
         from tokenizers.models import BPE
@@ -86,16 +97,9 @@ class CLIPTokenizer:
             raise TokenizerFilesMissing(f"{self.folder / 'vocab.json'} is not a CLIP vocabulary: it has no "
                                         "'<|startoftext|>' or '<|endoftext|>' token")
 
-    def ids(self, prompt: str) -> list[int]:
-        return self._tok.encode(prompt, add_special_tokens=False).ids
-
-    def __call__(self, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
-        n = max_length or self.max_length
-        rows = []
-        for ids in (e.ids for e in self._tok.encode_batch(list(prompts), add_special_tokens=False)):
-            ids = [self.bos_id] + ids[: n - 2] + [self.eos_id]
-            rows.append(ids + [self.eos_id] * (n - len(ids)))  # CLIP pads with end-of-text
-        return torch.tensor(rows, dtype=torch.long)
+    def _row(self, ids: list[int], n: int) -> list[int]:
+        ids = [self.bos_id] + ids[: n - 2] + [self.eos_id]
+        return ids + [self.eos_id] * (n - len(ids))  # CLIP pads with end-of-text
 
 
 @dataclass
