@@ -55,6 +55,8 @@ def save_image(image, path, output_format: str | None = None, quality: int = 80,
     """Save a PIL image without overwriting (unless asked) and never leaving a half-written file.
 
     metadata (settings, seed, ...) goes to PNG text chunks, or as JSON to the EXIF description of jpg/webp.
+    In a PNG that also holds the graphs, a setting named like a graph is stored as "<name>_text"
+    (the prompt text as "prompt_text").
     graphs ({"prompt": api_graph, "workflow": ui_graph}) are embedded as ComfyUI does: PNG text chunks, or
     EXIF entries "prompt:<json>" / "workflow:<json>" (left out of a JPEG when they would not fit).
     """
@@ -71,16 +73,20 @@ def save_image(image, path, output_format: str | None = None, quality: int = 80,
     graphs = {k: v for k, v in (graphs or {}).items() if v is not None}
     if output_format == "png":
         info = PngImagePlugin.PngInfo()
-        for key, value in list((metadata or {}).items()) + list(graphs.items()):
+        # The graphs keep ComfyUI's chunk names; a setting of the same name (the prompt text next to the
+        # "prompt" graph) goes under "<name>_text" rather than a second chunk that would hide one of them.
+        settings = [(f"{key}_text" if key in graphs else key, value) for key, value in (metadata or {}).items()]
+        for key, value in settings + list(graphs.items()):
             info.add_text(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
         kwargs["pnginfo"] = info
     else:
         kwargs["quality"] = int(quality)
         exif = Image.Exif()
         if metadata:
-            exif[EXIF_DESCRIPTION] = json.dumps(metadata, ensure_ascii=False)
+            # EXIF text is ASCII: non-ASCII characters would be lost, so JSON escapes them (as ComfyUI does)
+            exif[EXIF_DESCRIPTION] = json.dumps(metadata)
         for key, value in graphs.items():
-            entry = f"{key}:{json.dumps(value, ensure_ascii=False)}"
+            entry = f"{key}:{json.dumps(value)}"
             if output_format == "jpg" and len(exif.tobytes()) + len(entry.encode()) > JPEG_EXIF_LIMIT:
                 continue
             exif[EXIF_GRAPH_TAGS[key]] = entry

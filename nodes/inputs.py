@@ -1,6 +1,8 @@
 """Widget definitions shared by the pack's nodes: the design table's inputs with their tooltips."""
 from __future__ import annotations
 
+import secrets
+
 from ..flux_core import presets
 
 CATEGORY = "FLUX.1 [dev] Juiced"
@@ -66,6 +68,12 @@ def filename_prefix(default: str = "flux_juiced/FLUX"):
     return ("STRING", {"default": default,
                        "tooltip": "File name prefix inside the output folder; may contain a subfolder. Existing "
                                   "files are never overwritten."})
+
+
+def changed_when_random(seed) -> str:
+    """IS_CHANGED for nodes with a seed: -1 draws a new seed every run, so the host must not reuse a cached
+    result (a fresh token rather than NaN: the host copies it into the graph saved in the image, as JSON)."""
+    return secrets.token_hex(8) if seed == -1 else ""
 
 
 def validate(*checks) -> bool | str:

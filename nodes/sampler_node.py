@@ -26,6 +26,10 @@ class FluxJuicedSampler:
             "guidance": inputs.guidance(),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, seed=None, **kwargs):
+        return inputs.changed_when_random(seed)
+
     def sample(self, model, conditioning, latent, seed, steps, guidance):
         used = flux_sampling.resolve_seed(seed)
         result = flux_sampling.sample(model, conditioning, latent, used, steps, guidance)

@@ -54,6 +54,10 @@ class FluxJuicedTextToImage:
     def VALIDATE_INPUTS(cls, transformer_name=None, t5_name=None, clip_name=None, vae_name=None):
         return True  # missing files fail at run time with a message naming the file and the fix
 
+    @classmethod
+    def IS_CHANGED(cls, seed=None, **kwargs):
+        return inputs.changed_when_random(seed)
+
     def generate(self, prompt, aspect_ratio, speed_mode, num_inference_steps, guidance, seed, image_size,
                  output_format, output_quality, transformer_name=_DEFAULT_FILES["transformer"],
                  t5_name=_DEFAULT_FILES["t5"], clip_name=_DEFAULT_FILES["clip"],

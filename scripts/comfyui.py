@@ -28,6 +28,7 @@ PACK_NAME = "comfyui-flux-juiced"
 DEFAULT_HOME = ROOT / ".cache" / "comfyui-home"
 DEFAULT_WORKFLOW = ROOT / "workflows" / "api" / "flux_text_to_image.json"
 MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "checkpoints")
+DEMO_IMAGE_SIZE = 256
 
 
 def prepare_home(home: Path, models_dir: Path | None) -> list[str]:
@@ -100,17 +101,20 @@ def _demo_weights(home: Path, workflow: dict) -> bool:
 
 def run_workflow(args) -> int:
     workflow = json.loads(Path(args.workflow).read_text())
-    for node in workflow.values():
-        inputs = node.get("inputs", {})
-        if args.prompt is not None and "prompt" in inputs and isinstance(inputs["prompt"], str):
-            inputs["prompt"] = args.prompt
-        if args.seed is not None and "seed" in inputs:
-            inputs["seed"] = args.seed
     home = Path(args.home)
     extra = prepare_home(home, args.models_dir)
     demo = _demo_weights(home, workflow) if not args.models_dir else False
     if demo:
         print("DEMO: real weights not found, using tiny random weights: the image will be noise.", file=sys.stderr)
+        if args.image_size is None:  # the shipped 1024 px would take minutes on a CPU for a noise image
+            args.image_size = DEMO_IMAGE_SIZE
+    overrides = {"prompt": args.prompt, "seed": args.seed, "image_size": args.image_size,
+                 "num_inference_steps": args.steps}
+    for node in workflow.values():
+        inputs = node.get("inputs", {})
+        for key, value in overrides.items():
+            if value is not None and key in inputs and not isinstance(inputs[key], list):
+                inputs[key] = value
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = home / "headless.log"
@@ -184,6 +188,9 @@ def main(argv=None) -> int:
             p.add_argument("--workflow", default=str(DEFAULT_WORKFLOW), help="an API-format workflow")
             p.add_argument("--prompt", default=None, help="replaces the workflow's prompt text")
             p.add_argument("--seed", type=int, default=None, help="replaces the workflow's seed")
+            p.add_argument("--image-size", type=int, default=None,
+                           help=f"replaces the workflow's image_size ({DEMO_IMAGE_SIZE} with demo weights)")
+            p.add_argument("--steps", type=int, default=None, help="replaces the workflow's num_inference_steps")
             p.add_argument("--out", default="comfyui_image.jpg", help="where to write the image")
     args = parser.parse_args(argv)
     return serve(args) if args.command == "serve" else run_workflow(args)
