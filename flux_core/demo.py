@@ -17,6 +17,7 @@ TINY_FLUX = FluxParams(hidden_size=256, num_heads=2, depth=2, depth_single_block
                        vec_in_dim=64, axes_dim=[16, 56, 56])
 # Bumped when the demo models change, so stale cached files are rebuilt.
 DEMO_VERSION = 2
+DEMO_MARKER = "demo random weights"  # in each file's safetensors metadata under "flux_core"
 DEMO_FILES = {"transformer": "flux1-dev-demo.safetensors", "autoencoder": "ae-demo.safetensors",
               "t5": "t5xxl-demo.safetensors", "clip": "clip_l-demo.safetensors"}
 
@@ -49,6 +50,6 @@ def demo_model_files(cache_dir=None) -> dict[str, Path]:
     for role, module in _random_modules().items():
         state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in module.state_dict().items()}
         tmp = paths[role].with_suffix(".part")
-        save_file(state, tmp, metadata={"flux_core": "demo random weights"})
+        save_file(state, tmp, metadata={"flux_core": DEMO_MARKER})
         os.replace(tmp, paths[role])
     return paths

@@ -59,50 +59,120 @@ def comfy_command(home: Path, port: int, listen: str, extra: list[str]) -> list[
     return cmd
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _get(url: str, timeout: float = 30):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read()
+class HeadlessComfy:
+    """A ComfyUI server with this pack on 127.0.0.1 for programs: start, queue, wait, stop."""
+
+    def __init__(self, home: Path, models_dir=None, port: int | None = None, extra_args=(), env: dict | None = None,
+                 log_name: str = "server.log"):
+        self.home = Path(home)
+        self.external_models = models_dir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.extra_args = list(extra_args)
+        self.env = env or {}
+        self.log_path = self.home / log_name
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300.0):
+        cmd = comfy_command(self.home, self.port, "127.0.0.1",
+                            prepare_home(self.home, self.external_models) + self.extra_args)
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=log, stderr=subprocess.STDOUT,
+                                            env=dict(os.environ, PYTHONUNBUFFERED="1", **self.env))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            try:
+                self.get_json("/system_stats", timeout=2)
+                return self
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get_bytes(self, path: str, timeout: float = 30) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return response.read()
+
+    def get_json(self, path: str, timeout: float = 30):
+        return json.loads(self.get_bytes(path, timeout))
+
+    def queue_prompt(self, prompt: dict, **payload) -> str:
+        request = urllib.request.Request(self.url + "/prompt", data=json.dumps({"prompt": prompt, **payload}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())["prompt_id"]
+        except urllib.error.HTTPError as exc:
+            raise SystemExit(f"ComfyUI refused the workflow ({exc.code}): {exc.read().decode()[:2000]}") from None
+
+    def wait_prompt(self, prompt_id: str, timeout: float = 3600.0) -> dict:
+        """The history entry of a prompt once it has finished (success, error or interruption)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            status = (entry or {}).get("status", {})
+            if status.get("completed") or status.get("status_str") == "error":
+                return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s:\n{self.log()[-4000:]}")
+
+    def view(self, image: dict) -> bytes:
+        query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+        return self.get_bytes(f"/view?{query}")
 
 
-def _post(url: str, payload: dict):
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise SystemExit(f"ComfyUI refused the workflow ({exc.code}): {exc.read().decode()[:2000]}") from None
+def _is_demo_file(path: Path) -> bool:
+    from flux_core.checkpoints.reader import open_checkpoint
+    from flux_core.demo import DEMO_MARKER
+
+    with open_checkpoint(path) as tf:
+        return tf.metadata.get("flux_core") == DEMO_MARKER
 
 
 def _demo_weights(home: Path, workflow: dict) -> bool:
-    """Put tiny demo weights under the file names the workflow asks for, where no real file is present."""
+    """Put tiny demo weights under the file names the workflow asks for where no file is present; True when
+    the workflow runs on demo weights (placed now or by an earlier run)."""
     from flux_core.demo import demo_model_files
 
     wanted = {"transformer_name": ("transformer", "diffusion_models"), "t5_name": ("t5", "text_encoders"),
               "clip_name": ("clip", "text_encoders"), "vae_name": ("autoencoder", "vae")}
-    demo = None
-    used = False
+    demo_files, used = None, False
     for node in workflow.values():
         for key, value in node.get("inputs", {}).items():
             if key in wanted and isinstance(value, str):
                 role, folder = wanted[key]
                 target = home / "models" / folder / value
                 if not target.exists():
-                    demo = demo or demo_model_files()
-                    shutil.copyfile(demo[role], target)
-                    used = True
+                    demo_files = demo_files or demo_model_files()
+                    shutil.copyfile(demo_files[role], target)
+                used = used or _is_demo_file(target)
     return used
 
 
 def run_workflow(args) -> int:
     workflow = json.loads(Path(args.workflow).read_text())
     home = Path(args.home)
-    extra = prepare_home(home, args.models_dir)
+    prepare_home(home, args.models_dir)
     demo = _demo_weights(home, workflow) if not args.models_dir else False
     if demo:
         print("DEMO: real weights not found, using tiny random weights: the image will be noise.", file=sys.stderr)
@@ -115,32 +185,12 @@ def run_workflow(args) -> int:
         for key, value in overrides.items():
             if value is not None and key in inputs and not isinstance(inputs[key], list):
                 inputs[key] = value
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = home / "headless.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(comfy_command(home, port, "127.0.0.1", extra + ["--disable-api-nodes"]),
-                                  stdout=log, stderr=subprocess.STDOUT, cwd=comfyui_dir())
+    server = HeadlessComfy(home, args.models_dir, extra_args=["--disable-api-nodes"], log_name="headless.log")
+    server.start()
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"ComfyUI did not start; see {log_path}")
-            try:
-                _get(url + "/system_stats", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.3)
-        prompt_id = _post(url + "/prompt", {"prompt": workflow})["prompt_id"]
+        prompt_id = server.queue_prompt(workflow)
         print(f"queued {args.workflow} as {prompt_id}", file=sys.stderr)
-        while True:
-            entry = json.loads(_get(f"{url}/history/{prompt_id}")).get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and (
-                    entry["status"]["completed"] or entry["status"].get("status_str") == "error"):
-                break
-            if time.monotonic() > deadline + 3600:
-                raise SystemExit("the workflow did not finish")
-            time.sleep(0.3)
+        entry = server.wait_prompt(prompt_id)
         if entry["status"].get("status_str") != "success":
             errors = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
             detail = errors[0][1].get("exception_message", "") if errors else json.dumps(entry["status"])[:1000]
@@ -148,20 +198,13 @@ def run_workflow(args) -> int:
         images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
         out = Path(args.out)
         for i, image in enumerate(images):
-            query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
-            data = _get(f"{url}/view?{query}")
-            target = out if len(images) == 1 else out.with_name(f"{out.stem}_{i}{Path(image['filename']).suffix}")
-            if len(images) == 1 and target.suffix.lower() != Path(image["filename"]).suffix.lower():
-                target = target.with_suffix(Path(image["filename"]).suffix)
-            target.write_bytes(data)
+            suffix = Path(image["filename"]).suffix
+            target = out.with_suffix(suffix) if len(images) == 1 else out.with_name(f"{out.stem}_{i}{suffix}")
+            target.write_bytes(server.view(image))
             print(f"wrote {target}" + (" (DEMO weights: noise)" if demo else ""))
         return 0
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
 
 
 def serve(args) -> int:
