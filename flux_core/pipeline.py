@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 from . import presets, sampling
+from .speed import presets as speed_presets
+from .speed.caching import StepCache
 
 
 @dataclass
@@ -41,7 +43,7 @@ class GenerationResult:
     width: int
     height: int
     latents: Tensor               # final unpacked latents (B, 16, H/8, W/8), autoencoder-scaled
-    evaluations: int              # transformer evaluations per image
+    evaluations: int              # full transformer evaluations per image (fewer than steps with step caching)
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
 
@@ -80,12 +82,15 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
              image_size: int = presets.DEFAULT_IMAGE_SIZE, num_inference_steps: int = presets.DEFAULT_STEPS,
              guidance: float = presets.DEFAULT_GUIDANCE, seed: int = -1, num_images: int = 1,
              width: int | None = None, height: int | None = None, initial_noise: Tensor | None = None,
-             callback: Callable[[sampling.StepInfo], None] | None = None, decode: bool = True) -> GenerationResult:
+             callback: Callable[[sampling.StepInfo], None] | None = None, decode: bool = True,
+             speed_mode: str | None = None) -> GenerationResult:
     """Generate num_images images per prompt.
 
     Image i of a prompt uses seed + i, so any image can be remade alone. width/height, when given,
     override aspect_ratio/image_size (rounded down to multiples of 16). initial_noise (B, 16, H/8, W/8)
-    replaces the seeded noise. callback sees every step (raise from it to cancel).
+    replaces the seeded noise. callback sees every step (raise from it to cancel). speed_mode (one of
+    speed.SPEED_MODES or a short alias) turns on step caching; None or "off" samples exactly as the
+    reference. result.evaluations counts the full transformer evaluations per image either way.
     """
     models = models or FluxModels(transformer, autoencoder, text_encoders)
     if models.transformer is None or models.text_encoders is None or (decode and models.autoencoder is None):
@@ -95,6 +100,7 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
         raise ValueError("prompt must be a string or a non-empty list of strings")
     presets.check_range("num_inference_steps", num_inference_steps, presets.STEPS_RANGE)
     presets.check_range("guidance", guidance, presets.GUIDANCE_RANGE)
+    cache_config = speed_presets.step_cache_config(speed_mode)  # validates the name
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer; got {num_images!r}")
     if width is None and height is None:
@@ -128,8 +134,12 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
     timesteps = sampling.get_schedule(num_inference_steps, inputs["img"].shape[1], shift=True)
 
     start = time.perf_counter()
-    counted = _CountingModel(model)
-    packed = sampling.denoise(counted, **inputs, timesteps=timesteps, guidance=guidance, callback=callback)
+    if cache_config is None:
+        runner = _CountingModel(model)
+    else:
+        runner = StepCache(model, cache_config, num_steps=num_inference_steps)
+    packed = sampling.denoise(runner, **inputs, timesteps=timesteps, guidance=guidance, callback=callback)
+    evaluations = runner.calls if cache_config is None else runner.full_evaluations
     timings["denoise_s"] = time.perf_counter() - start
     latents = sampling.unpack(packed.float(), height, width)
 
@@ -143,6 +153,9 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
         timings["decode_s"] = time.perf_counter() - start
     timings["total_s"] = sum(timings.values())
     settings = {"aspect_ratio": aspect_ratio, "image_size": image_size, "width": width, "height": height,
-                "num_inference_steps": num_inference_steps, "guidance": guidance, "seed": base_seed}
+                "num_inference_steps": num_inference_steps, "guidance": guidance, "seed": base_seed,
+                "speed_mode": speed_presets.resolve(speed_mode).name if cache_config else speed_presets.OFF}
+    if cache_config is not None:
+        settings["step_cache"] = runner.summary()
     return GenerationResult(images=images, seeds=seeds, prompts=all_prompts, width=width, height=height,
-                            latents=latents, evaluations=counted.calls, timings=timings, settings=settings)
+                            latents=latents, evaluations=evaluations, timings=timings, settings=settings)

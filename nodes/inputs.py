@@ -4,12 +4,11 @@ from __future__ import annotations
 import secrets
 
 from ..flux_core import presets
+from ..flux_core.speed.presets import DEFAULT_SPEED_MODE, SPEED_MODES  # noqa: F401 (the nodes' choices)
 
 CATEGORY = "FLUX.1 [dev] Juiced"
 
-SPEED_MODES = ["Lightly Juiced 🍊 (more consistent)", "Juiced 🔥 (default)", "Extra Juiced 🔥 (more speed)",
-               "Blink of an eye 👁️"]
-DEFAULT_SPEED_MODE = SPEED_MODES[2]
+
 
 
 def prompt():
