@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=None,
                    help=f"longest side in pixels ({presets.IMAGE_SIZE_RANGE[0]}-{presets.IMAGE_SIZE_RANGE[1]}); "
                         f"default {presets.DEFAULT_IMAGE_SIZE}, {DEMO_IMAGE_SIZE} with --demo")
+    g.add_argument("--speed-mode", default="extra-juiced",
+                   help="off (exact reference), lightly-juiced, juiced, extra-juiced or blink: step caching with "
+                        "at most 15/12/9/6 full transformer evaluations at 28 steps; the full names work too")
     g.add_argument("--num-inference-steps", "--steps", type=int, default=presets.DEFAULT_STEPS, dest="steps")
     g.add_argument("--guidance", type=float, default=presets.DEFAULT_GUIDANCE, help="distilled guidance (not CFG)")
     g.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (the seed used is printed)")
@@ -78,6 +81,7 @@ def cmd_generate(args) -> int:
     from .image_files import save_image
     from .pipeline import generate, load_models
     from .progress import ProgressBar
+    from .speed import presets as speed_presets
 
     if args.image_size is None:
         args.image_size = DEMO_IMAGE_SIZE if args.demo else presets.DEFAULT_IMAGE_SIZE
@@ -90,6 +94,7 @@ def cmd_generate(args) -> int:
         output_format = format_from_path(args.out)
     try:
         presets.check_range("output_quality", args.output_quality, presets.QUALITY_RANGE)
+        speed_presets.resolve(args.speed_mode)  # refuse a bad name before loading 12B parameters
         paths = _model_paths(args)
         if args.demo:
             print("DEMO: tiny random weights, the image will be noise. Real weights: see README.", file=sys.stderr)
@@ -98,7 +103,8 @@ def cmd_generate(args) -> int:
         bar = None if args.quiet else ProgressBar(args.steps, label="sampling")
         result = generate(args.prompt, models, aspect_ratio=args.aspect_ratio, image_size=args.image_size,
                           num_inference_steps=args.steps, guidance=args.guidance, seed=args.seed,
-                          num_images=args.num_images, callback=(lambda info: bar.update(info.step)) if bar else None)
+                          num_images=args.num_images, speed_mode=args.speed_mode,
+                          callback=(lambda info: bar.update(info.step)) if bar else None)
     except (FluxError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -121,3 +121,20 @@ def test_cli_without_weights_says_which_files_to_get(tmp_path):
                    "text_encoders/t5xxl_fp16.safetensors", "text_encoders/clip_l.safetensors", "huggingface.co",
                    "--demo"):
         assert needed in result.stderr + result.stdout, needed
+
+
+def test_cli_speed_mode_reports_fewer_full_evaluations_and_refuses_bad_names(tmp_path):
+    import os
+
+    env = dict(os.environ, FLUX_DEMO_DIR=str(tmp_path / "demo"))
+    common = ("generate", "--demo", "--prompt", "an orange", "--image-size", "64", "--steps", "28", "--seed", "3",
+              "--quiet")
+    blink = _cli(*common, "--speed-mode", "blink", "--out", str(tmp_path / "b.png"), cwd=tmp_path, env=env)
+    assert blink.returncode == 0, blink.stderr
+    assert "6 transformer evaluations" in blink.stdout
+    exact = _cli(*common, "--speed-mode", "off", "--out", str(tmp_path / "o.png"), cwd=tmp_path, env=env)
+    assert exact.returncode == 0 and "28 transformer evaluations" in exact.stdout
+    with Image.open(tmp_path / "b.png") as img:
+        assert img.text["speed_mode"] == "Blink of an eye 👁️"
+    bad = _cli(*common, "--speed-mode", "ludicrous", cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "speed_mode" in bad.stderr
