@@ -14,8 +14,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import re
 import resource
 import struct
 import subprocess
@@ -24,6 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from machine import machine, machine_slug  # noqa: E402 (bench/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 1.25
@@ -187,25 +186,6 @@ def child(which: str, path: str):
 
 # ------------------------------------------------------------------------------------------------
 # the parent: machine description, runs, table, results file
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import psutil
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": psutil.virtual_memory().total / 2**30,
-            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
-
-
-def machine_slug(m: dict) -> str:
-    cpu = re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*", "", m["cpu"].lower())
-    cpu = re.sub(r"[^a-z0-9]+", "-", cpu).strip("-")
-    return f"{cpu}-{m['cores']}cores-{round(m['ram_gib'])}gib"
 
 
 def run_child(which: str, path: Path) -> dict:

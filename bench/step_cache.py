@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -35,33 +32,13 @@ from flux_core.pipeline import FluxModels, load_models  # noqa: E402
 from flux_core import sampling  # noqa: E402
 from flux_core.presets import DEFAULT_GUIDANCE as GUIDANCE  # noqa: E402
 from flux_core.speed import StepCache, StepCacheConfig, presets  # noqa: E402
+from machine import machine, machine_slug  # noqa: E402 (bench/ is the script's folder)
 
 # A mid-size model: full head width (128, so the rotary axes are the real 16/56/56), the real 1:2 ratio of
 # double to single blocks, a sixth of the real width.
 MID_FLUX = FluxParams(hidden_size=512, num_heads=4, depth=3, depth_single_blocks=6, context_in_dim=64, vec_in_dim=64,
                       axes_dim=[16, 56, 56])
 PROMPT, SEED, STEPS = "a lighthouse on a cliff at dusk, oil painting", 42, 28
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        ram = float("nan")
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
-def machine_slug(m: dict) -> str:
-    cpu = re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*", "", m["cpu"].lower())
-    cpu = re.sub(r"[^a-z0-9]+", "-", cpu).strip("-")
-    return f"{cpu}-{m['cores']}cores-{round(m['ram_gib'])}gib"
 
 
 def time_smoothed(model: Flux) -> Flux:

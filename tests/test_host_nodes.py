@@ -12,7 +12,7 @@ import pytest
 
 import workflow_tools as wt
 from flux_core.model_files import MODEL_FILES
-from host_server import PACK_NAME, ComfyServer, messages
+from host_server import PACK_NAME, messages
 
 pytestmark = pytest.mark.host
 
@@ -22,12 +22,8 @@ PACK_NODES = ("FluxJuicedTransformerLoader", "FluxJuicedTextEncoderLoader", "Flu
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = ComfyServer(tmp_path_factory.mktemp("comfy_nodes")).start()
-    try:
-        wt.place_demo_models(server, [wt.load_api(name) for name in wt.WORKFLOWS])
+    with wt.demo_server(tmp_path_factory.mktemp("comfy_nodes")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from PIL import Image
 import workflow_tools as wt
 from flux_core import presets
 from flux_core.model_files import MODEL_FILES
-from host_server import PACK_NAME, ComfyServer, messages
+from host_server import PACK_NAME, messages
 
 pytestmark = pytest.mark.host
 
@@ -27,12 +27,8 @@ SAVERS = ("FluxJuicedTextToImage", "FluxJuicedSaveImage", "SaveImage")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = ComfyServer(tmp_path_factory.mktemp("comfy_workflows")).start()
-    try:
-        wt.place_demo_models(server, [wt.load_api(name) for name in wt.WORKFLOWS])
+    with wt.demo_server(tmp_path_factory.mktemp("comfy_workflows")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ and a COMBO gets one when its options say so. Links to widget inputs override th
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import re
 import socket
@@ -17,6 +19,8 @@ import struct
 import time
 import uuid
 from pathlib import Path
+
+from host_server import ComfyServer
 
 REPO = Path(__file__).resolve().parent.parent
 UI_DIR = REPO / "example_workflows"          # served by ComfyUI as the pack's templates
@@ -241,6 +245,17 @@ def as_submitted(prompt: dict) -> dict:
 def api_graph(prompt: dict) -> dict:
     """An API prompt reduced to what executes: class types, literal inputs and links."""
     return {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]} for node_id, node in prompt.items()}
+
+
+@contextlib.contextmanager
+def demo_server(base_dir):
+    """A started ComfyServer with the demo weights under every file name the shipped workflows use."""
+    server = ComfyServer(base_dir).start()
+    try:
+        place_demo_models(server, [load_api(name) for name in WORKFLOWS])
+        yield server
+    finally:
+        server.stop()
 
 
 def place_demo_models(server, prompts) -> None:
