@@ -64,7 +64,8 @@ def _model_paths(args) -> dict:
     if args.demo:
         from .demo import demo_model_files
 
-        return demo_model_files()
+        files = demo_model_files()
+        return dict(files, autoencoder=files["tiny_autoencoder"])
     found = find_model_files(args.models_dir)
     explicit = {"transformer": args.transformer, "autoencoder": args.vae, "t5": args.t5, "clip": args.clip}
     paths = {role: Path(explicit[role]) if explicit[role] else found[role] for role in explicit}
