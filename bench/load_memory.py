@@ -32,43 +32,15 @@ GOAL = 1.25
 # the synthetic checkpoint
 
 
-def bfl_tensor_shapes(hidden=3072, heads=24, double=2, single=3, in_ch=64, ctx=4096, vec=768, mlp_ratio=4.0):
-    """Key -> shape of a BFL-layout FLUX.1 dev transformer (formats.md 2(a)), in file order."""
-    mlp, hd = int(hidden * mlp_ratio), hidden // heads
-    shapes = {}
+def bfl_tensor_shapes(double: int, single: int) -> dict:
+    """Key -> shape of a full-width BFL-layout FLUX.1 dev transformer with fewer blocks: the tests' own
+    table (tests/transformer_factory.py, written from formats.md 2(a), not from flux_core)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from transformer_factory import bfl_shapes
 
-    def linear(name, n_in, n_out):
-        shapes[f"{name}.weight"] = (n_out, n_in)
-        shapes[f"{name}.bias"] = (n_out,)
+    from flux_core.model import FluxParams
 
-    linear("img_in", in_ch, hidden)
-    linear("time_in.in_layer", 256, hidden)
-    linear("time_in.out_layer", hidden, hidden)
-    linear("vector_in.in_layer", vec, hidden)
-    linear("vector_in.out_layer", hidden, hidden)
-    linear("guidance_in.in_layer", 256, hidden)
-    linear("guidance_in.out_layer", hidden, hidden)
-    linear("txt_in", ctx, hidden)
-    for i in range(double):
-        for s in ("img", "txt"):
-            b = f"double_blocks.{i}.{s}"
-            linear(f"{b}_mod.lin", hidden, 6 * hidden)
-            linear(f"{b}_attn.qkv", hidden, 3 * hidden)
-            shapes[f"{b}_attn.norm.query_norm.scale"] = (hd,)
-            shapes[f"{b}_attn.norm.key_norm.scale"] = (hd,)
-            linear(f"{b}_attn.proj", hidden, hidden)
-            linear(f"{b}_mlp.0", hidden, mlp)
-            linear(f"{b}_mlp.2", mlp, hidden)
-    for i in range(single):
-        b = f"single_blocks.{i}"
-        linear(f"{b}.linear1", hidden, 3 * hidden + mlp)
-        linear(f"{b}.linear2", hidden + mlp, hidden)
-        shapes[f"{b}.norm.query_norm.scale"] = (hd,)
-        shapes[f"{b}.norm.key_norm.scale"] = (hd,)
-        linear(f"{b}.modulation.lin", hidden, 3 * hidden)
-    linear("final_layer.linear", hidden, in_ch)
-    linear("final_layer.adaLN_modulation.1", hidden, 2 * hidden)
-    return shapes
+    return bfl_shapes(FluxParams(depth=double, depth_single_blocks=single))
 
 
 def write_checkpoint(path: Path, shapes: dict, seed: int = 0, chunk_elems: int = 1 << 22):

@@ -62,8 +62,9 @@ def load_transformer(path, device="cpu", dtype: torch.dtype = torch.bfloat16) ->
 
 def load_autoencoder(path, device="cpu", dtype: torch.dtype = torch.float32):
     """Load the FLUX autoencoder (BFL/LDM or diffusers layout, alone or inside an all-in-one file)."""
-    with part_plan(path, "autoencoder") as plan:
-        return plan.materialize(device=device, dtype=dtype)
+    from .checkpoints.autoencoder import load_autoencoder as _load
+
+    return _load(path, device=device, dtype=dtype)
 
 
 def load_text_encoders(t5_path, clip_path=None, tokenizer_dir=None, device="cpu", dtype: torch.dtype = torch.bfloat16,

@@ -149,30 +149,38 @@ def _is_demo_file(path: Path) -> bool:
         return tf.metadata.get("flux_core") == DEMO_MARKER
 
 
+# The pack's model-file inputs: input name -> (flux_core role, ComfyUI models folder).
+MODEL_INPUTS = {"transformer_name": ("transformer", "diffusion_models"), "t5_name": ("t5", "text_encoders"),
+                "clip_name": ("clip", "text_encoders"), "vae_name": ("autoencoder", "vae")}
+
+
+def model_file_inputs(prompt: dict):
+    """(role, folder, file name) of every model file an API-format prompt names."""
+    for node in prompt.values():
+        for key, value in node.get("inputs", {}).items():
+            if key in MODEL_INPUTS and isinstance(value, str):
+                yield (*MODEL_INPUTS[key], value)
+
+
 def _demo_weights(home: Path, workflow: dict) -> bool:
     """Put tiny demo weights under the file names the workflow asks for where no file is present; True when
     the workflow runs on demo weights (placed now or by an earlier run)."""
     from flux_core.demo import demo_model_files
 
-    wanted = {"transformer_name": ("transformer", "diffusion_models"), "t5_name": ("t5", "text_encoders"),
-              "clip_name": ("clip", "text_encoders"), "vae_name": ("autoencoder", "vae")}
     demo_files, used = None, False
-    for node in workflow.values():
-        for key, value in node.get("inputs", {}).items():
-            if key in wanted and isinstance(value, str):
-                role, folder = wanted[key]
-                target = home / "models" / folder / value
-                if not target.exists():
-                    demo_files = demo_files or demo_model_files()
-                    shutil.copyfile(demo_files[role], target)
-                used = used or _is_demo_file(target)
+    for role, folder, name in model_file_inputs(workflow):
+        target = home / "models" / folder / name
+        if not target.exists():
+            demo_files = demo_files or demo_model_files()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(demo_files[role], target)
+        used = used or _is_demo_file(target)
     return used
 
 
 def run_workflow(args) -> int:
     workflow = json.loads(Path(args.workflow).read_text())
     home = Path(args.home)
-    prepare_home(home, args.models_dir)
     demo = _demo_weights(home, workflow) if not args.models_dir else False
     if demo:
         print("DEMO: real weights not found, using tiny random weights: the image will be noise.", file=sys.stderr)

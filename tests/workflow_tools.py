@@ -20,7 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
-from host_server import ComfyServer
+from host_server import ComfyServer  # puts scripts/ on sys.path
+from comfyui import MODEL_INPUTS, model_file_inputs  # noqa: E402,F401 (MODEL_INPUTS for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
 UI_DIR = REPO / "example_workflows"          # served by ComfyUI as the pack's templates
@@ -29,9 +30,6 @@ WORKFLOWS = ("flux_text_to_image", "flux_modular", "flux_native_ksampler", "flux
 # Nodes that exist only in the editor (notes); they have no /object_info entry and are never sent to /prompt.
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-# The model-file inputs of the pack's loaders: input name -> (flux_core role, ComfyUI folder).
-MODEL_INPUTS = {"transformer_name": ("transformer", "diffusion_models"), "t5_name": ("t5", "text_encoders"),
-                "clip_name": ("clip", "text_encoders"), "vae_name": ("autoencoder", "vae")}
 
 
 def load_ui(name: str) -> dict:
@@ -264,11 +262,8 @@ def place_demo_models(server, prompts) -> None:
 
     demo = demo_model_files()
     for prompt in prompts:
-        for node in prompt.values():
-            for key, value in node["inputs"].items():
-                if key in MODEL_INPUTS and isinstance(value, str):
-                    role, folder = MODEL_INPUTS[key]
-                    server.place_model(demo[role], folder, value)
+        for role, folder, name in model_file_inputs(prompt):
+            server.place_model(demo[role], folder, name)
 
 
 # ----------------------------------------------------------------------------------------------------
