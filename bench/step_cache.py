@@ -75,6 +75,29 @@ def run(models, transformer, mode, image_size, steps=STEPS):
     return result
 
 
+def runtime_note(acceleration: dict | None) -> str:
+    """What the mode's runtime part chose on this machine (flux_core.speed.runtime), in a few words."""
+    if not acceleration:
+        return "none (reference)"
+    return (f"{acceleration['attention']}, compile {'on' if acceleration['compile'] else 'off'}, "
+            f"{acceleration['precision']}")
+
+
+# Where each mode's numbers come from (flux_core/speed/presets.py has the full account).
+SOURCES = [
+    "Budgets (full evaluations at 28 steps) 15 / 12 / 9 / 6: Pruna's own predictor sets speed_factor 0.5 / 0.4 / "
+    "0.3 at 28 steps (14 / 11.2 / 8.4 evaluations, rounded up, one step of margin for Lightly); Blink has no "
+    "public definition, 6 of 28 is the FoCa table's '22% steps' row and TaylorSeer N=7 (speed.md 1.1, 2.3).",
+    "Thresholds on the first block's relative L1 change 0.08 / 0.12 / 0.20 / 0.24: 0.08 is First Block Cache's "
+    "FLUX default (ParaAttention, 1.55x); 0.12 its fp8 value (ParaAttention, Comfy-WaveSpeed) and DBCache F1B0 "
+    "R0.12; 0.20 DBCache R0.2 (2.41x); 0.24 DBCache R0.24 (2.75x) (speed.md 2.2, 2.3).",
+    "Consecutive-skip caps 2 / 3 / 4 / 6: FORA interval 2; ComfyUI-TeaCache max_skip_steps 3; DBCache MC4 and "
+    "Pruna's adaptive cacher; DBCache MC6 / TaylorSeer N=7 (speed.md 1.1, 2.1, 2.3).",
+    "Compile / precision / attention per mode: presets.py; on this CPU they fall back as the runtime column says "
+    "(no fp8 tensor cores, no SageAttention, compilation not earned back within one image).",
+]
+
+
 def rel_l2(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -125,6 +148,7 @@ def main():
             "smooth_pattern": smooth_result.settings["step_cache"]["pattern"] if mode else full_pattern,
             "smooth_rel_l2": rel_l2(smooth_result.latents, refs["smooth"]) if mode else 0.0,
             "fewer_smooth": fewer_smooth,
+            "runtime": runtime_note(result.settings.get("acceleration")),
         })
         r = rows[-1]
         print(f"{r['mode']:40s} full {r['full']:2d}/{STEPS} (budget {r['budget']:2d})  {r['time']:6.2f} s  "
@@ -167,13 +191,13 @@ def write_results(args, rows, changes, description, image_size):
         "trained model's do (the raw random model's change erratically from step to step, which no step "
         "cache can forecast).",
         "",
-        "| mode | full evals (budget) | pattern (F = full, . = forecast) | denoise s | speed-up (28 / full) | rel L2 | fewer steps | smooth: pattern | smooth: rel L2 | smooth: fewer steps |",
-        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|",
+        "| mode | full evals (budget) | pattern (F = full, . = forecast) | denoise s | speed-up (28 / full) | rel L2 | fewer steps | smooth: pattern | smooth: rel L2 | smooth: fewer steps | runtime here |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['full']} ({r['budget']}) | `{r['pattern']}` | {r['time']:.2f} | "
                      f"{r['speedup']:.2f}x ({r['ideal']:.2f}x) | {r['rel_l2']:.5f} | {r['fewer']:.5f} | `{r['smooth_pattern']}` | "
-                     f"{r['smooth_rel_l2']:.6f} | {r['fewer_smooth']:.5f} |")
+                     f"{r['smooth_rel_l2']:.6f} | {r['fewer_smooth']:.5f} | {r['runtime']} |")
     lines += [
         "",
         "First-block change criterion per step (min / median / max), against the mode thresholds "
@@ -182,6 +206,7 @@ def write_results(args, rows, changes, description, image_size):
     ]
     for label, (lo, med, hi) in changes.items():
         lines.append(f"* {label}: {lo:.3f} / {med:.3f} / {hi:.3f} (one step apart)")
+    lines += ["", "Where the numbers come from (shared/reference/speed.md):", ""] + [f"* {line}" for line in SOURCES]
     lines += [
         "",
         "Reading it:",

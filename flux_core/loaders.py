@@ -21,7 +21,7 @@ PARTS = ("transformer", "autoencoder", "t5", "clip")
 
 @contextmanager
 def transformer_plan(path) -> Iterator[LoadPlan]:
-    with open_checkpoint(path) as tf:
+    with open_checkpoint(path, gguf=True) as tf:
         sources = transformer_sources(tf)
         params = infer_params(sources, tf.path)
         with torch.device("meta"):
@@ -51,13 +51,19 @@ def read_part(path, part: str, device="cpu", dtype: torch.dtype | None = None) -
         return plan.state_dict(device=device, dtype=dtype)
 
 
-def load_transformer(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> Flux:
-    """Load a FLUX transformer from a BFL, ComfyUI, all-in-one or diffusers file (or sharded folder).
+def load_transformer(path, device="cpu", dtype: torch.dtype = torch.bfloat16, weights: str = "auto") -> Flux:
+    """Load a FLUX transformer from a BFL, ComfyUI, all-in-one, diffusers or GGUF file (or sharded folder).
 
     The configuration (dev/schnell, base/canny-depth/fill, depth, widths) comes from the tensor shapes.
+    weights: "auto" keeps GGUF blocks quantized in memory, "dense" expands everything to dtype, "int8" /
+    "fp8" also store the dense block weights 8-bit (per-row scales); see flux_core.quant.loading.
     """
+    from .quant.loading import choose_storage, materialize_quantized
+
     with transformer_plan(path) as plan:
-        return plan.materialize(device=device, dtype=dtype)
+        if not choose_storage(plan.module, plan.sources, weights):
+            return plan.materialize(device=device, dtype=dtype)
+        return materialize_quantized(plan, device=device, dtype=dtype, weights=weights)
 
 
 def load_autoencoder(path, device="cpu", dtype: torch.dtype = torch.float32):

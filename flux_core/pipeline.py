@@ -1,6 +1,7 @@
 """Prompt to image: text encoding, seeded noise, flow-matching sampling and decoding."""
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -21,18 +22,48 @@ class FluxModels:
     transformer: torch.nn.Module
     autoencoder: torch.nn.Module
     text_encoders: object  # has encode(list_of_prompts) -> (txt, vec)
+    memory: object = None  # speed.placement.MemoryManager when offload or a T5 policy places the parts
 
 
 def load_models(transformer, autoencoder, t5, clip, tokenizer_dir=None, device="cpu",
-                dtype: torch.dtype = torch.bfloat16, ae_dtype: torch.dtype = torch.float32) -> FluxModels:
-    """Load every part from files (any supported layout)."""
+                dtype: torch.dtype = torch.bfloat16, ae_dtype: torch.dtype = torch.float32,
+                offload: str = "none", vram_budget_gb: float | None = None, t5_policy: str = "keep",
+                plan_size: tuple[int, int] = (1024, 1024), weights: str = "auto") -> FluxModels:
+    """Load every part from files (any supported layout).
+
+    weights: the transformer's weight storage ("auto", "dense", "int8", "fp8"; see load_transformer).
+
+    Low memory (docs/low_memory.md): offload "blocks"/"auto" streams transformer blocks through `device`
+    within vram_budget_gb (GiB; default the card's memory) for images of plan_size (width, height);
+    t5_policy "keep", "offload", "cpu", "free" or "auto". A first plan from the files' headers says where
+    to load (CPU memory when anything will stream, else straight to `device`); the final plan is made from
+    the loaded modules (models.memory.plan).
+    """
     from .loaders import load_autoencoder, load_text_encoders, load_transformer
 
-    return FluxModels(
-        transformer=load_transformer(transformer, device=device, dtype=dtype),
-        autoencoder=load_autoencoder(autoencoder, device=device, dtype=ae_dtype),
-        text_encoders=load_text_encoders(t5, clip, tokenizer_dir=tokenizer_dir, device=device, dtype=dtype),
+    plan = None
+    if offload != "none" or t5_policy != "keep" or vram_budget_gb is not None:
+        from .speed.placement import plan_for_files
+
+        plan = plan_for_files(transformer, autoencoder, t5, clip, device, dtype=dtype, ae_dtype=ae_dtype,
+                              offload=offload, budget_gib=vram_budget_gb, t5_policy=t5_policy,
+                              width=plan_size[0], height=plan_size[1])
+    load_device = device if plan is None or plan.all_resident else "cpu"  # streamed parts start in CPU memory
+    models = FluxModels(
+        transformer=load_transformer(transformer, device=load_device, dtype=dtype, weights=weights),
+        autoencoder=load_autoencoder(autoencoder, device=load_device, dtype=ae_dtype),
+        text_encoders=load_text_encoders(t5, clip, tokenizer_dir=tokenizer_dir, device=load_device, dtype=dtype),
     )
+    if plan is not None:  # planned again from the loaded modules: exact sizes, quantized storage included
+        from functools import partial
+
+        from .speed.placement import manage_memory
+        from .text_encoders import load_t5
+
+        models.memory = manage_memory(models, device, offload=offload, budget_gib=vram_budget_gb,
+                                      t5_policy=t5_policy, width=plan_size[0], height=plan_size[1],
+                                      t5_loader=partial(load_t5, t5, device="cpu", dtype=dtype))
+    return models
 
 
 @dataclass
@@ -76,6 +107,19 @@ class _CountingModel:
         return self.model(**kwargs)
 
 
+def _accelerate(model, speed_mode, memory):
+    """A speed mode's compile / precision / attention (speed.runtime), applied once per model and kept.
+    "off" restores what can be restored on a model a mode changed before; an untouched model stays so."""
+    from .speed import runtime
+
+    mode = speed_presets.resolve(speed_mode)
+    if mode is None and runtime.current(model) is None:
+        return None
+    streamed = memory is not None and getattr(memory, "transformer_streamer", None) is not None
+    return runtime.accelerate(model, mode or speed_presets.OFF, device=memory.device if memory else None,
+                              streamed=streamed)
+
+
 @torch.inference_mode()
 def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, transformer=None, autoencoder=None,
              text_encoders=None, aspect_ratio: str = presets.DEFAULT_ASPECT_RATIO,
@@ -89,8 +133,10 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
     Image i of a prompt uses seed + i, so any image can be remade alone. width/height, when given,
     override aspect_ratio/image_size (rounded down to multiples of 16). initial_noise (B, 16, H/8, W/8)
     replaces the seeded noise. callback sees every step (raise from it to cancel). speed_mode (one of
-    speed.SPEED_MODES or a short alias) turns on step caching; None or "off" samples exactly as the
-    reference. result.evaluations counts the full transformer evaluations per image either way.
+    speed.SPEED_MODES or a short alias) turns on step caching and the mode's compile / precision /
+    attention choices (speed.runtime; what was chosen and why is in settings["acceleration"]); None or
+    "off" samples exactly as the reference. result.evaluations counts the full transformer evaluations per
+    image either way.
     """
     models = models or FluxModels(transformer, autoencoder, text_encoders)
     if models.transformer is None or models.text_encoders is None or (decode and models.autoencoder is None):
@@ -118,7 +164,9 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    txt, vec = models.text_encoders.encode(prompts)
+    memory = getattr(models, "memory", None)
+    with memory.encoding() if memory else contextlib.nullcontext():
+        txt, vec = models.text_encoders.encode(prompts)
     txt = txt.to(device, dtype).repeat_interleave(num_images, dim=0)
     vec = vec.to(device, dtype).repeat_interleave(num_images, dim=0)
     timings["encode_s"] = time.perf_counter() - start
@@ -133,6 +181,7 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
     inputs = sampling.prepare(noise, txt, vec)
     timesteps = sampling.get_schedule(num_inference_steps, inputs["img"].shape[1], shift=True)
 
+    acceleration = _accelerate(model, speed_mode, memory)
     start = time.perf_counter()
     if cache_config is None:
         runner = _CountingModel(model)
@@ -142,13 +191,18 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
     evaluations = runner.calls if cache_config is None else runner.full_evaluations
     timings["denoise_s"] = time.perf_counter() - start
     latents = sampling.unpack(packed.float(), height, width)
+    if memory:
+        memory.after_denoise()
 
     images = []
     if decode:
         start = time.perf_counter()
         ae = models.autoencoder
         ae_param = next(ae.parameters())
-        pixels = ae.decode(latents.to(ae_param.device, ae_param.dtype))
+        if memory:  # image by image, tiled when a whole decode does not fit
+            pixels = memory.decode(ae, latents)
+        else:
+            pixels = ae.decode(latents.to(ae_param.device, ae_param.dtype))
         images = latents_to_images(pixels)
         timings["decode_s"] = time.perf_counter() - start
     timings["total_s"] = sum(timings.values())
@@ -157,5 +211,9 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
                 "speed_mode": speed_presets.resolve(speed_mode).name if cache_config else speed_presets.OFF}
     if cache_config is not None:
         settings["step_cache"] = runner.summary()
+    if acceleration is not None:
+        settings["acceleration"] = acceleration.summary()
+    if memory:
+        settings["memory"] = memory.summary()
     return GenerationResult(images=images, seeds=seeds, prompts=all_prompts, width=width, height=height,
                             latents=latents, evaluations=evaluations, timings=timings, settings=settings)

@@ -84,7 +84,7 @@ def test_speed_mode_names_are_the_design_tables():
     assert presets.resolve(None) is None and presets.resolve("off") is None
     for mode in presets.SPEED_MODES:
         assert presets.MODES[mode].budget_at_28 == BUDGET_AT_28[mode]
-        assert "not applied yet" in presets.MODES[mode].compile  # placeholders describe, nothing pretends
+        assert presets.MODES[mode].runtime.compile == "auto"  # the runtime part: tests/test_speed_runtime.py
     with pytest.raises(ValueError, match="speed_mode"):
         presets.resolve("Ludicrous")
 

@@ -59,7 +59,7 @@ def iter_tensors(module: nn.Module, sources: dict[str, Source], *, path, what: s
 def materialize(module: nn.Module, sources: dict[str, Source], **kwargs) -> nn.Module:
     """Load `sources` into `module` (built on meta) in place and return it in eval mode."""
     for name, tensor in iter_tensors(module, sources, **kwargs):
-        _assign(module, name, tensor)
+        assign_tensor(module, name, tensor)
         del tensor
     module.eval()
     return module
@@ -90,7 +90,7 @@ class LoadPlan:
         return read_state_dict(self.module, self.sources, **self._kwargs(device, dtype))
 
 
-def _assign(module: nn.Module, name: str, tensor: torch.Tensor):
+def assign_tensor(module: nn.Module, name: str, tensor: torch.Tensor):
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     if leaf in owner._parameters:

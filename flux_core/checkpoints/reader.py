@@ -156,7 +156,7 @@ class TensorFile:
         self.close()
 
 
-def _refuse_unsupported(path: Path):
+def _refuse_unsupported(path: Path, gguf: bool):
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         raise CheckpointError(path, "pickle checkpoints are refused",
@@ -164,20 +164,27 @@ def _refuse_unsupported(path: Path):
                               expected="a .safetensors file (or .gguf for quantized transformers)",
                               hint="download the safetensors version of this model, or convert it once in a "
                                    "trusted environment")
-    if suffix == ".gguf":
-        raise CheckpointError(path, "GGUF files are not supported by this loader",
-                              expected="a .safetensors file")
+    if suffix == ".gguf" and not gguf:
+        raise CheckpointError(path, "GGUF files are supported for the FLUX transformer only",
+                              expected="a .safetensors file for the text encoders and the autoencoder",
+                              hint="use t5xxl_fp8_e4m3fn.safetensors to save memory on the T5 side")
 
 
-def open_checkpoint(path) -> TensorFile:
-    """Open a safetensors file, or a folder holding one file or shards with an index.json."""
+def open_checkpoint(path, gguf: bool = False) -> TensorFile:
+    """Open a safetensors file, or a folder holding one file or shards with an index.json.
+
+    With gguf=True a .gguf file opens as a GGUFFile (same interface; used for transformers)."""
     path = Path(os.fspath(path)).expanduser()
     if not path.exists():
         raise CheckpointError(path, "the file does not exist",
                               hint="check the path, or see the README for which files to download and where")
     if path.is_dir():
         return _open_folder(path)
-    _refuse_unsupported(path)
+    _refuse_unsupported(path, gguf)
+    if path.suffix.lower() == ".gguf":
+        from .gguf import open_gguf
+
+        return open_gguf(path)
     if path.suffix.lower() == ".json":
         return _open_index(path)
     return TensorFile(path, [_Shard(path)])

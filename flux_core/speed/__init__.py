@@ -1,16 +1,21 @@
-"""Speed modes of the engine. Implemented so far: step caching (caching.py) and the mode presets
-(presets.py). Compilation, fp8/int8 linears and attention backends are described in presets.py and
-not applied yet.
+"""Speed modes of the engine: step caching (caching.py), the runtime choices of compilation, matmul precision
+and attention kernel (runtime.py: compile.py, precision.py, fp8_linear.py, attention.py), and the mode
+presets that combine them (presets.py).
 
     from flux_core.speed import StepCache, presets
     cache = StepCache(model, presets.step_cache_config("Juiced 🔥 (default)"), num_steps=28)
     sampling.denoise(cache, ...)   # in place of the model; cache.decisions says what ran
+
+    from flux_core.speed import accelerate
+    report = accelerate(model, "Juiced 🔥 (default)")   # compile / fp8 / attention for this device, with reasons
 """
 from __future__ import annotations
 
 from . import presets
 from .caching import StepCache, StepCacheConfig, StepDecision, StepPlan, StepPlanner, forecast, plan_pattern
 from .presets import DEFAULT_SPEED_MODE, SPEED_MODES, SpeedMode
+from .runtime import AccelerationReport, RuntimeOptions, accelerate, plan
 
 __all__ = ["StepCache", "StepCacheConfig", "StepDecision", "StepPlan", "StepPlanner", "forecast", "plan_pattern",
-           "presets", "SPEED_MODES", "DEFAULT_SPEED_MODE", "SpeedMode"]
+           "presets", "SPEED_MODES", "DEFAULT_SPEED_MODE", "SpeedMode", "AccelerationReport", "RuntimeOptions",
+           "accelerate", "plan"]

@@ -42,8 +42,6 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from ..model import embed_positions
-
 REFERENCE_STEPS = 28  # budgets are given at the usual FLUX.1 [dev] step count and scaled from there
 
 
@@ -255,9 +253,23 @@ class _RunState:
     pe: Tensor | None = None
 
 
-def _relative_l1(a: Tensor, ref: Tensor) -> float:
+def relative_l1(a: Tensor, ref: Tensor) -> float:
+    """mean |a - ref| / mean |ref|, in float32: the change signal between steps."""
     ref = ref.float()
     return ((a.float() - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)).item()
+
+
+def best_forecast_order(probes: list[tuple[float, Tensor]], t: float, probe: Tensor, max_order: int) -> int:
+    """The forecast order whose extrapolation of the first block's residual history `probes` lands closest
+    to the fresh residual `probe` at t.
+
+    The first block sees the same conditioning drift as the rest of the stack, so how well each order
+    extrapolates its residual is a cheap, per-step test of how well it will extrapolate the rest: a smooth
+    trajectory gets the highest order, an erratic one plain reuse."""
+    probe = probe.float()
+    errors = torch.stack([(forecast(probes, t, order) - probe).abs().mean()
+                          for order in range(min(max_order, len(probes) - 1) + 1)])
+    return int(torch.argmin(errors))  # the first of equal minima: ties go to the lower order
 
 
 class StepCache:
@@ -269,7 +281,7 @@ class StepCache:
     """
 
     def __init__(self, model, config: StepCacheConfig, num_steps: int | None = None):
-        for part in ("img_in", "txt_in", "embed_conditioning", "double_blocks", "single_blocks", "final_layer"):
+        for part in ("embed", "positions", "run_blocks", "double_blocks", "final_layer"):
             if not hasattr(model, part):
                 raise TypeError(f"step caching needs a flux_core Flux transformer; {type(model).__name__} "
                                 f"has no {part!r}")
@@ -336,44 +348,27 @@ class StepCache:
         return s
 
     def _choose_order(self, history, t: float, r1: Tensor) -> int:
-        """The order whose forecast of the first block's residual lands closest to the fresh one.
-
-        The first block sees the same conditioning drift as the rest of the stack, so how well each
-        order extrapolates its residual is a cheap, per-step test of how well it will extrapolate the
-        rest."""
-        probes = [(h[0], h[2]) for h in history]
-        r1 = r1.float()
-        errors = torch.stack([(forecast(probes, t, order) - r1).abs().mean()
-                              for order in range(min(self.config.forecast_order, len(history) - 1) + 1)])
-        return int(torch.argmin(errors))  # the first of equal minima: ties go to the lower order
+        return best_forecast_order([(h[0], h[2]) for h in history], t, r1, self.config.forecast_order)
 
     def _cached_call(self, s: _RunState, t: float, img, img_ids, txt, txt_ids, timesteps, y, guidance) -> Tensor:
         model = self.model
-        # The prologue and first double block, exactly as Flux.forward does them.
-        h = model.img_in(img)
-        vec = model.embed_conditioning(timesteps, y, guidance)
-        txt_h = model.txt_in(txt)
+        # Flux.forward, split after the first double block (embed -> positions -> run_blocks -> final_layer).
+        h, txt_h, vec = model.embed(img, txt, timesteps, y, guidance)
         if s.pe is None or s.ids[0] is not img_ids or s.ids[1] is not txt_ids:
             s.ids = (img_ids, txt_ids)
-            s.pe = embed_positions(torch.cat((txt_ids, img_ids), dim=1), model.params.axes_dim, model.params.theta)
+            s.pe = model.positions(img_ids, txt_ids)
         pe = s.pe
         h1, txt_h = model.double_blocks[0](h, txt_h, vec, pe)
         r1 = h1 - h
 
-        change = _relative_l1(r1, s.history[-1][2]) if s.history else None
+        change = relative_l1(r1, s.history[-1][2]) if s.history else None
         full, reason = s.planner.decide(s.step, change)  # step 0 is always warm-up: history is never empty
         decision = StepDecision(s.step, t, full, reason, change)
         self.decisions.append(decision)
         s.step += 1
 
         if full:
-            x_img = h1
-            for block in model.double_blocks[1:]:
-                x_img, txt_h = block(x_img, txt_h, vec, pe)
-            x = torch.cat((txt_h, x_img), dim=1)
-            for block in model.single_blocks:
-                x = block(x, vec, pe)
-            out_img = x[:, txt_h.shape[1]:]
+            out_img = model.run_blocks(h1, txt_h, vec, pe, first_double=1)
             s.history.append((t, (out_img - h1).float(), r1.float()))
             del s.history[:-(self.config.forecast_order + 1)]
         else:

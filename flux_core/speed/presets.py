@@ -1,8 +1,16 @@
-"""The four speed modes: mode name -> step-caching strength, plus what compilation and precision will add.
+"""The four speed modes: mode name -> step-caching strength plus compilation, precision and attention.
 
-Only step caching is implemented so far. `compile` and `precision` below describe the plan for each mode;
-they are text, and nothing in the engine acts on them yet (see speed.md sections 3-4 for the numbers
-those parts are meant to reach).
+Caching is `cache` (caching.StepCache); `compile`, `precision` and `attention` are the requests that
+runtime.accelerate turns into choices for the device at hand, each with a stated fallback:
+
+* every mode compiles the blocks where that pays ("auto": on CUDA with Triton; eager on a CPU, where one
+  image does not earn back the compilation, see compile.py);
+* Lightly Juiced keeps the model's precision up to rounding (the most consistent; on a CPU without bf16
+  instructions its bf16 matmuls run in float32, precision.py); Juiced, Extra Juiced and Blink use fp8
+  matmuls with per-row scales on GPUs with fp8 tensor cores (compute capability 8.9+), the recipe of the
+  fastest published single-GPU FLUX pipelines (speed.md 0 and 3: fp8 dynamic row-wise + compile);
+* Blink of an eye also asks for SageAttention (8-bit attention) where it is installed; the others use
+  PyTorch SDPA (flash / cuDNN on CUDA), which is exact up to kernel rounding.
 
 Where the caching numbers come from (shared/reference/speed.md, all FLUX.1 [dev], 28 steps unless noted):
 
@@ -37,6 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .caching import REFERENCE_STEPS, StepCacheConfig
+from .runtime import RuntimeOptions
 
 OFF = "off"
 
@@ -57,41 +66,40 @@ ALIASES = {"lightly": LIGHTLY_JUICED, "lightly-juiced": LIGHTLY_JUICED, "juiced"
 class SpeedMode:
     name: str
     cache: StepCacheConfig
-    compile: str    # planned, not applied yet
-    precision: str  # planned, not applied yet
+    compile: str = "auto"     # auto | on | off (compile.choose_compile)
+    precision: str = "auto"   # native | auto | fp8 (precision.choose_precision)
+    attention: str = "sdpa"   # auto | sdpa | sage | math (attention.choose_attention)
 
     @property
     def budget_at_28(self) -> int:
         return self.cache.budget_at_28 if self.cache.budget_at_28 is not None else REFERENCE_STEPS
 
+    @property
+    def runtime(self) -> RuntimeOptions:
+        return RuntimeOptions(attention=self.attention, compile=self.compile, precision=self.precision)
 
-_COMPILE_PLAN = ("torch.compile of the transformer blocks (block-level keys, no recompiles across steps); "
-                 "not applied yet")
+
 MODES = {
     LIGHTLY_JUICED: SpeedMode(
         LIGHTLY_JUICED,
         StepCacheConfig(threshold=0.08, budget_at_28=15, warmup_steps=3, final_steps=1, max_consecutive_skips=2,
                         forecast_order=2),
-        compile=_COMPILE_PLAN,
-        precision="model dtype (bf16) linears and attention; not changed"),
+        precision="auto"),
     JUICED: SpeedMode(
         JUICED,
         StepCacheConfig(threshold=0.12, budget_at_28=12, warmup_steps=3, final_steps=1, max_consecutive_skips=3,
                         forecast_order=2),
-        compile=_COMPILE_PLAN,
-        precision="fp8 (e4m3) dynamic-quantized linears where the GPU supports fp8 compute; not applied yet"),
+        precision="fp8"),
     EXTRA_JUICED: SpeedMode(
         EXTRA_JUICED,
         StepCacheConfig(threshold=0.20, budget_at_28=9, warmup_steps=2, final_steps=1, max_consecutive_skips=4,
                         forecast_order=2),
-        compile=_COMPILE_PLAN,
-        precision="fp8 (e4m3) dynamic-quantized linears where the GPU supports fp8 compute; not applied yet"),
+        precision="fp8"),
     BLINK: SpeedMode(
         BLINK,
         StepCacheConfig(threshold=0.24, budget_at_28=6, warmup_steps=2, final_steps=1, max_consecutive_skips=6,
                         forecast_order=2),
-        compile=_COMPILE_PLAN,
-        precision="fp8 linears and, where available, fp8 attention; not applied yet"),
+        precision="fp8", attention="sage"),
 }
 
 
