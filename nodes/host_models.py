@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import threading
 
-WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp32"]
+WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp32", "int8", "fp8"]
+# weight_dtype choices that store the block weights 8-bit (per-row scales) and let the host pick the compute
+# dtype; GGUF blocks stay packed whatever the choice (quantized_ops.py).
+PACKED_STORAGES = ("int8", "fp8")
 
 _cache_lock = threading.Lock()
 _cache: dict[str, tuple[tuple, object]] = {}  # one entry per role: the last model loaded
@@ -62,19 +65,31 @@ def load_model(path: str, weight_dtype: str = "default"):
         import torch
         from ..flux_core.loaders import part_plan
 
-        requested = _torch_dtype(weight_dtype)
+        from .quantized_ops import packed_state
+
+        storage = weight_dtype if weight_dtype in PACKED_STORAGES else "auto"
+        requested = None if storage != "auto" else _torch_dtype(weight_dtype)
         with part_plan(path, "transformer") as plan:
             params = plan.module.params
-            state = plan.state_dict(dtype=requested or torch.bfloat16)
-        model_config = _host_model_config(state, params)
+            packed = packed_state(plan, storage, requested)  # dense tensors as stored unless a dtype is asked
+            state = packed.state if packed else plan.state_dict(dtype=requested or torch.bfloat16)
+        shapes = packed.shapes if packed else state  # logical shapes, for detection and the parameter count
+        model_config = _host_model_config(shapes, params)
+        if packed:
+            model_config.custom_operations = packed.operations
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-        dtype = requested or mm.unet_dtype(model_params=comfy.utils.calculate_parameters(state),
+        dtype = requested or mm.unet_dtype(model_params=comfy.utils.calculate_parameters(shapes),
                                            supported_dtypes=list(model_config.supported_inference_dtypes),
                                            weight_dtype=torch.bfloat16)
         model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
                                                                     model_config.supported_inference_dtypes))
-        model = model_config.get_model(state, "").to(offload_device)
-        model.load_model_weights(state, "")
+        model = model_config.get_model(state, "")
+        if packed:  # built on meta: the weights must arrive before the model can move
+            model.load_model_weights(state, "")
+            model = model.to(offload_device)
+        else:
+            model = model.to(offload_device)
+            model.load_model_weights(state, "")
         return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
     return _cached("transformer", _file_key(path) + (weight_dtype,), build)

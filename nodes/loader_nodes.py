@@ -13,8 +13,9 @@ def _file_input(role: str, tooltip: str):
 
 class FluxJuicedTransformerLoader:
     DESCRIPTION = ("Loads the FLUX.1 transformer from models/diffusion_models (or an all-in-one file in "
-                   "models/checkpoints) in any layout: BFL, ComfyUI, diffusers, fp8, scaled fp8. Returns a standard "
-                   "MODEL for native samplers, LoRA loaders and other packs' patches.")
+                   "models/checkpoints) in any layout: BFL, ComfyUI, diffusers, fp8, scaled fp8, GGUF (kept "
+                   "quantized in memory). Returns a standard MODEL for native samplers, LoRA loaders and other "
+                   "packs' patches.")
     CATEGORY = CATEGORY + "/loaders"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The FLUX.1 diffusion model.",)
@@ -23,10 +24,14 @@ class FluxJuicedTransformerLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "transformer_name": _file_input("transformer", "The transformer file, e.g. flux1-dev.safetensors."),
+            "transformer_name": _file_input("transformer", "The transformer file, e.g. flux1-dev.safetensors or "
+                                                           "flux1-dev-Q4_K_S.gguf."),
             "weight_dtype": (host_models.WEIGHT_DTYPES, {
                 "default": "default",
-                "tooltip": "Weight precision in memory; default lets ComfyUI pick for your GPU (bf16 on most)."}),
+                "tooltip": "Weight precision in memory; default lets ComfyUI pick for your GPU (bf16 on most). "
+                           "int8 / fp8 store the block weights 8-bit with a per-row scale (about half of bf16) "
+                           "and dequantize them layer by layer. GGUF files always stay quantized as stored. "
+                           "LoRAs do not apply to quantized layers yet."}),
         }}
 
     @classmethod

@@ -1,7 +1,7 @@
 """Saving images as jpg, png or webp with quality, settings, seed and the workflow in the file."""
 from __future__ import annotations
 
-from . import inputs, saving
+from . import host_step_cache, inputs, saving
 
 
 class FluxJuicedSaveImage:
@@ -32,6 +32,7 @@ class FluxJuicedSaveImage:
     def save(self, images, filename_prefix, output_format, output_quality, seed=None, prompt=None,
              extra_pnginfo=None):
         parameters = saving.summarize_graph(prompt)
+        parameters.update(host_step_cache.prompt_metadata())  # full evaluations of this prompt's speed-mode runs
         if seed is not None:
             parameters["seeds"] = [seed + i for i in range(len(images))]
         saved = saving.save_batch(images, filename_prefix, output_format, output_quality, parameters,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..flux_core import presets
 from ..flux_core.model_files import MODEL_FILES
-from . import flux_sampling, folders, host_models, inputs, saving
+from . import flux_sampling, folders, host_models, inputs, saving, speed_node
 
 _DEFAULT_FILES = {spec.role: spec.names[0] for spec in MODEL_FILES}
 
@@ -17,7 +17,8 @@ def _file(role: str, tooltip: str):
 
 class FluxJuicedTextToImage:
     DESCRIPTION = ("FLUX.1 [dev] text to image in one node: loads the models from ComfyUI's model folders (any "
-                   "layout), samples the reference way and saves the image with its settings and seed. The same "
+                   "layout), samples the reference way with the speed mode's step caching (the full transformer "
+                   "evaluations are counted in the metadata) and saves the image with its settings and seed. The same "
                    "inputs as the pack's remote-API node, so a graph can switch between local and hosted.")
     CATEGORY = inputs.CATEGORY
     RETURN_TYPES = ("IMAGE", "INT")
@@ -71,13 +72,17 @@ class FluxJuicedTextToImage:
                  (("transformer", transformer_name), ("t5", t5_name), ("clip", clip_name), ("autoencoder", vae_name))}
         clip = host_models.load_clip(paths["t5"], paths["clip"])
         conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        model = host_models.load_model(paths["transformer"])
+        model, step_cache = speed_node.apply_speed_mode(host_models.load_model(paths["transformer"]), speed_mode)
         latent = flux_sampling.sample(model, conditioning, flux_sampling.empty_latent(width, height), used,
                                       num_inference_steps, guidance)
         images = host_models.load_vae(paths["autoencoder"]).decode(latent["samples"])
         parameters = {"prompt": prompt, "aspect_ratio": aspect_ratio, "width": width, "height": height,
                       "speed_mode": speed_mode, "num_inference_steps": num_inference_steps, "guidance": guidance,
                       "seed": used, "model": transformer_name}
+        run = step_cache.last_run if step_cache else None  # full transformer evaluations per image
+        parameters["evaluations"] = run["full_evaluations"] if run else num_inference_steps
+        if run:
+            parameters["step_cache"] = run
         saved = saving.save_batch(images, filename_prefix, output_format, output_quality, parameters,
                                   prompt=prompt_graph, extra_pnginfo=extra_pnginfo)
         return {"ui": {"images": saved, "text": [f"seed {used}"]}, "result": (images, used)}

@@ -5,6 +5,7 @@ If it is missing, the test fails with that instruction instead of skipping.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -75,14 +76,10 @@ def comfy_forward(model, inputs: dict):
 
 
 
-def host_load_diffusion_model(comfy, path, model_options=None):
-    """The host's own loader on a file: comfy.utils.load_torch_file + comfy.sd.load_diffusion_model_state_dict.
-
-    ComfyUI's detection hard-codes 24 heads for FLUX.1 (model_detection.py); for our tiny files (head size
-    128 like the real model) the detected head count is set to hidden_size // 128 while loading. Everything
-    else (prefix stripping, scaled_fp8 / _quantization_metadata detection, ops choice) is the host's.
-    Returns the host's diffusion model (comfy.ldm.flux.model.Flux).
-    """
+@contextlib.contextmanager
+def tiny_head_count(comfy):
+    """Test harness only: ComfyUI's detection hard-codes 24 heads for FLUX.1 (model_detection.py); for our
+    tiny files (head size 128 like the real model) the detected head count becomes hidden_size // 128."""
     import comfy.model_detection as detection
 
     original = detection.detect_unet_config
@@ -95,10 +92,35 @@ def host_load_diffusion_model(comfy, path, model_options=None):
 
     detection.detect_unet_config = detect
     try:
-        sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
-        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options or {}, metadata=metadata)
+        yield
     finally:
         detection.detect_unet_config = original
+
+
+def host_load_diffusion_model(comfy, path, model_options=None):
+    """The host's own loader on a file: comfy.utils.load_torch_file + comfy.sd.load_diffusion_model_state_dict,
+    under tiny_head_count. Everything else (prefix stripping, scaled_fp8 / _quantization_metadata detection,
+    ops choice) is the host's. Returns the host's diffusion model (comfy.ldm.flux.model.Flux).
+    """
+    with tiny_head_count(comfy):
+        sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
+        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options or {}, metadata=metadata)
     if patcher is None:
         raise AssertionError(f"ComfyUI did not recognise {path} as a diffusion model")
     return patcher.model.diffusion_model
+
+
+@contextlib.contextmanager
+def imported_pack(module_name: str):
+    """The pack imported the way ComfyUI imports it: its folder as a package (relative imports intact),
+    removed from sys.modules afterwards. Yields the package module."""
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for name in [n for n in sys.modules if n == module_name or n.startswith(module_name + ".")]:
+            sys.modules.pop(name, None)

@@ -20,13 +20,12 @@ import pytest
 import torch
 
 import transformer_factory as tf
-from comfy_import import comfyui_dir
+from comfy_import import comfyui_dir, imported_pack
 from flux_core.demo import demo_model_files
 from flux_core.model import FluxParams
 
 pytestmark = pytest.mark.host
 
-REPO = Path(__file__).resolve().parent.parent
 PACK_MODULE = "flux_juiced_pack_under_test"
 WIDE = FluxParams(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=0, context_in_dim=64, vec_in_dim=64,
                   axes_dim=[16, 56, 56])
@@ -34,19 +33,10 @@ WIDE = FluxParams(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=0
 
 @pytest.fixture(scope="module")
 def pack(comfy):
-    """The pack imported the way ComfyUI imports it: its folder as a package (relative imports intact)."""
-    spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = module
-    try:
-        spec.loader.exec_module(module)
-        assert len(module.NODE_CLASS_MAPPINGS) == 6, "the pack's nodes failed to import (see the log)"
+    with imported_pack(PACK_MODULE) as module:
+        assert len(module.NODE_CLASS_MAPPINGS) >= 6, "the pack's nodes failed to import (see the log)"
         yield SimpleNamespace(nodes=module.NODE_CLASS_MAPPINGS,
                               host_models=sys.modules[f"{PACK_MODULE}.nodes.host_models"])
-    finally:
-        for name in [n for n in sys.modules if n == PACK_MODULE or n.startswith(PACK_MODULE + ".")]:
-            sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,105 @@
+"""Quantized weight storage inside the host: its own FLUX model class built with an operations class
+(the host's `custom_operations` extension point) whose Linear keeps GGUF blocks / int8 / fp8 weights
+packed and dequantizes them in forward, layer by layer, to the dtype the host computes in.
+
+The engine does the reading and packing (flux_core.quant); the state dict handed to the host carries each
+packed layer as `qweight`, `scale`, `bias` plus a `quant_spec` entry describing it. Dense layers behave
+exactly as the host's manual_cast Linear. The host's memory accounting sees the packed bytes, so it
+budgets VRAM for the quantized size.
+
+Not covered yet: LoRA patches on packed layers. The host maps LoRA keys to `<layer>.weight`, which packed
+layers do not have, so it logs those keys as not loaded and the LoRA leaves them unchanged.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+
+@dataclass
+class PackedState:
+    state: dict        # for the model's load_model_weights: dense tensors and packed layers
+    shapes: dict       # every tensor under its reference name with its logical shape (meta), for detection
+    operations: type   # the operations class to build the host model with
+
+
+def packed_state(plan, storage: str, dtype=None) -> PackedState | None:
+    """The packed tensors of a transformer load plan, or None when nothing would stay packed (plain files
+    with storage "auto"): then the host's usual dense path applies. Dense tensors are converted to `dtype`,
+    or kept as stored with None (the host converts them to its compute dtype as it loads them)."""
+    import torch
+
+    from ..flux_core.quant.loading import choose_storage, materialize_quantized, packed_state_dict
+
+    if not choose_storage(plan.module, plan.sources, storage):
+        return None
+    shapes = {name: torch.empty(src.shape, dtype=dtype or torch.bfloat16, device="meta")
+              for name, src in plan.sources.items()}
+    model = materialize_quantized(plan, device="cpu", dtype=dtype, weights=storage)
+    return PackedState(packed_state_dict(model), shapes, quantized_operations())
+
+
+@functools.lru_cache(maxsize=None)
+def quantized_operations() -> type:
+    """The host operations class (built once, on first use, so importing the pack stays light)."""
+    import comfy.ops
+    import torch
+    import torch.nn.functional as F
+
+    from ..flux_core.quant.linear import SPEC_KEY, decode_spec, dequantize_weight
+
+    base = comfy.ops.manual_cast
+
+    class FluxJuicedQuantizedOps(base):
+        class Linear(base.Linear):
+            def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+                # Built on meta: every weight arrives from the state dict, packed or dense, so the dense
+                # 12B weights are never allocated.
+                super().__init__(in_features, out_features, bias=bias, device="meta", dtype=dtype)
+                self.compute_dtype = dtype
+                self.storage, self.type_id = None, None
+                self.register_buffer("qweight", None)
+                self.register_buffer("scale", None)
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs):
+                spec = state_dict.get(prefix + SPEC_KEY)
+                if spec is not None:
+                    spec = decode_spec(spec)
+                    self.storage, self.type_id = spec["storage"], spec["type_id"]
+                    self.qweight = state_dict[prefix + "qweight"]
+                    self.scale = state_dict.get(prefix + "scale")
+                    self.weight = None
+                else:
+                    self._take(state_dict, prefix + "weight", "weight", missing_keys)
+                if self.bias is not None:
+                    self._take(state_dict, prefix + "bias", "bias", missing_keys)
+
+            def _take(self, state_dict, key, leaf, missing_keys):
+                tensor = state_dict.get(key)
+                if tensor is None:
+                    missing_keys.append(key)
+                    return
+                dtype = self.compute_dtype if tensor.is_floating_point() and self.compute_dtype else tensor.dtype
+                setattr(self, leaf, torch.nn.Parameter(tensor.to(dtype), requires_grad=False))
+
+            def forward(self, input, *args, **kwargs):
+                if self.qweight is None:
+                    return super().forward(input, *args, **kwargs)
+                run_every_op = getattr(comfy.ops, "run_every_op", None)
+                if run_every_op is not None:  # the host's interruption check
+                    run_every_op()
+                device = input.device
+                scale = self.scale.to(device) if self.scale is not None else None
+                weight = dequantize_weight(self.storage, self.qweight.to(device), scale, self.type_id,
+                                           (self.out_features, self.in_features), input.dtype)
+                for patch in self.weight_function:  # the host's per-call weight patches (low-VRAM LoRA)
+                    weight = patch(weight)
+                bias = None
+                if self.bias is not None:
+                    bias = self.bias.to(device=device, dtype=input.dtype)
+                    for patch in self.bias_function:
+                        bias = patch(bias)
+                return F.linear(input, weight, bias)
+
+    return FluxJuicedQuantizedOps
