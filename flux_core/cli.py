@@ -20,6 +20,46 @@ def _dtype(name: str):
         raise argparse.ArgumentTypeError("dtype must be bf16, fp16 or fp32") from None
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model-file, device and demo options shared by every command that runs the engine."""
+    p.add_argument("--models-dir", default=os.environ.get("FLUX_MODELS_DIR", "models"),
+                   help="a ComfyUI-style models folder (diffusion_models/, text_encoders/, vae/); env FLUX_MODELS_DIR")
+    p.add_argument("--transformer", help="transformer file or diffusers folder (overrides --models-dir)")
+    p.add_argument("--vae", help="autoencoder file or folder")
+    p.add_argument("--t5", help="T5-XXL file or folder")
+    p.add_argument("--clip", help="CLIP-L file or folder")
+    p.add_argument("--tokenizer-dir", help="folder with the T5 and CLIP tokenizer files (found automatically "
+                                           "inside ComfyUI and in this project's host copy)")
+    p.add_argument("--device", default=None, help="cuda, cpu, mps, ...; default: cuda if available")
+    p.add_argument("--dtype", type=_dtype, default=None, help="bf16, fp16 or fp32; default bf16 on GPUs, fp32 on the CPU")
+    p.add_argument("--weights", choices=("auto", "dense", "int8", "fp8"), default="auto",
+                   help="transformer weight storage: auto keeps GGUF files quantized and the rest in --dtype; "
+                        "int8/fp8 store the block weights 8-bit (per-row scales, about half of bf16); dense "
+                        "expands everything to --dtype (docs/low_memory.md)")
+    p.add_argument("--demo", action="store_true",
+                   help="tiny random weights, no downloads: shows the whole path working; the image is noise")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
+    """Low-memory options (docs/low_memory.md); memory_kwargs(args) turns them into load_models keywords."""
+    p.add_argument("--offload", choices=("none", "blocks", "auto"), default="auto",
+                   help="stream transformer blocks from CPU memory through the GPU: auto = only when the "
+                        "budget needs it; blocks = always (as few as the budget allows); none = never")
+    p.add_argument("--vram-budget", type=float, default=None, metavar="GB",
+                   help="GPU memory the pipeline may use, in GiB as nvidia-smi counts (default: the whole "
+                        "card); 0.75 of it is left for the CUDA context")
+    p.add_argument("--t5-policy", choices=("auto", "keep", "offload", "cpu", "free"), default="auto",
+                   help="T5-XXL (9.5 GB): keep on the GPU, offload (CPU memory, streamed through the GPU to "
+                        "encode), cpu (encode on the CPU), free (offload, then drop it; reloaded per prompt); "
+                        "auto = keep when everything fits, else offload")
+
+
+def memory_kwargs(args, width: int, height: int) -> dict:
+    return {"offload": args.offload, "vram_budget_gb": args.vram_budget, "t5_policy": args.t5_policy,
+            "plan_size": (width, height)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flux_core", description="FLUX.1 [dev] engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,19 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-format", choices=presets.OUTPUT_FORMATS, default=None,
                    help="overrides the format implied by --out")
     g.add_argument("--output-quality", type=int, default=presets.DEFAULT_OUTPUT_QUALITY, help="1-100, jpg/webp")
-    g.add_argument("--models-dir", default=os.environ.get("FLUX_MODELS_DIR", "models"),
-                   help="a ComfyUI-style models folder (diffusion_models/, text_encoders/, vae/); env FLUX_MODELS_DIR")
-    g.add_argument("--transformer", help="transformer file or diffusers folder (overrides --models-dir)")
-    g.add_argument("--vae", help="autoencoder file or folder")
-    g.add_argument("--t5", help="T5-XXL file or folder")
-    g.add_argument("--clip", help="CLIP-L file or folder")
-    g.add_argument("--tokenizer-dir", help="folder with the T5 and CLIP tokenizer files (found automatically "
-                                           "inside ComfyUI and in this project's host copy)")
-    g.add_argument("--device", default=None, help="cuda, cpu, mps, ...; default: cuda if available")
-    g.add_argument("--dtype", type=_dtype, default=None, help="bf16, fp16 or fp32; default bf16 on GPUs, fp32 on the CPU")
-    g.add_argument("--demo", action="store_true",
-                   help="tiny random weights, no downloads: shows the whole path working; the image is noise")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_arguments(g)
+    add_memory_arguments(g)
+    g.add_argument("--provider", default=None, metavar="NAME",
+                   help="run the job at a hosted provider instead: inference.sh, bfl, fal, replicate or cometapi "
+                        "(key from the environment; model-file and device options do not apply; docs/remote.md)")
+    from .batch.command import add_batch_parser  # the batch subcommand lives with its package
+
+    add_batch_parser(sub, add_model_arguments)
     return parser
 
 
@@ -100,7 +135,10 @@ def cmd_generate(args) -> int:
         if args.demo:
             print("DEMO: tiny random weights, the image will be noise. Real weights: see README.", file=sys.stderr)
         models = load_models(paths["transformer"], paths["autoencoder"], paths["t5"], paths["clip"],
-                             tokenizer_dir=args.tokenizer_dir, device=device, dtype=dtype)
+                             tokenizer_dir=args.tokenizer_dir, device=device, dtype=dtype, weights=args.weights,
+                             **memory_kwargs(args, *presets.dimensions(args.aspect_ratio, args.image_size)))
+        if models.memory is not None and models.memory.plan.budget_gib is not None and not args.quiet:
+            print(models.memory.plan.describe(), file=sys.stderr)
         bar = None if args.quiet else ProgressBar(args.steps, label="sampling")
         result = generate(args.prompt, models, aspect_ratio=args.aspect_ratio, image_size=args.image_size,
                           num_inference_steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -120,6 +158,14 @@ def cmd_generate(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate" and args.provider:
+        from .remote.cli import cmd_generate_remote
+
+        return cmd_generate_remote(args)
     if args.command == "generate":
         return cmd_generate(args)
+    if args.command == "batch":
+        from .batch.command import cmd_batch
+
+        return cmd_batch(args)
     return 1

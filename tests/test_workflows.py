@@ -244,7 +244,7 @@ def run_and_check(server, prompt: dict, ui: dict | None) -> list[dict]:
     return found
 
 
-@pytest.mark.parametrize("name", wt.WORKFLOWS)
+@pytest.mark.parametrize("name", wt.LOCAL_WORKFLOWS)  # the remote graph runs in test_remote_host.py
 def test_api_workflow_runs_and_saves_images_with_metadata(server, name):
     prompt = wt.shrink(wt.load_api(name), image_size=64, latent_scale=16)
     saved = run_and_check(server, prompt, wt.load_ui(name))

@@ -26,7 +26,11 @@ from comfyui import MODEL_INPUTS, model_file_inputs  # noqa: E402,F401 (MODEL_IN
 REPO = Path(__file__).resolve().parent.parent
 UI_DIR = REPO / "example_workflows"          # served by ComfyUI as the pack's templates
 API_DIR = REPO / "workflows" / "api"         # for POST /prompt
-WORKFLOWS = ("flux_text_to_image", "flux_modular", "flux_native_ksampler", "flux_variations")
+LOCAL_WORKFLOWS = ("flux_text_to_image", "flux_modular", "flux_native_ksampler", "flux_variations",
+                   "flux_speed_native")
+# Graphs whose job runs at a hosted provider: run by tests/test_remote_host.py against fake providers.
+REMOTE_WORKFLOWS = ("flux_remote_text_to_image",)
+WORKFLOWS = LOCAL_WORKFLOWS + REMOTE_WORKFLOWS
 # Nodes that exist only in the editor (notes); they have no /object_info entry and are never sent to /prompt.
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
