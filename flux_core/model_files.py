@@ -14,8 +14,13 @@ class ModelFile:
     note: str = ""
 
 
+# city96's GGUF conversions of the transformer, best quality first (the engine keeps them quantized).
+GGUF_TRANSFORMERS = tuple(f"flux1-dev-{kind}.gguf" for kind in (
+    "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_S", "Q2_K"))
+
 MODEL_FILES = (
-    ModelFile("transformer", "diffusion_models", ("flux1-dev.safetensors", "flux1-dev-fp8.safetensors"),
+    ModelFile("transformer", "diffusion_models",
+              ("flux1-dev.safetensors", "flux1-dev-fp8.safetensors") + GGUF_TRANSFORMERS,
               "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors",
               "gated: accept the FLUX.1 [dev] licence on Hugging Face first"),
     ModelFile("autoencoder", "vae", ("ae.safetensors",),

@@ -123,6 +123,18 @@ def test_cli_without_weights_says_which_files_to_get(tmp_path):
         assert needed in result.stderr + result.stdout, needed
 
 
+def test_models_dir_finds_gguf_transformers_after_the_dense_file(tmp_path):
+    from flux_core.model_files import find_model_files
+
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    for name in ("flux1-dev-Q4_0.gguf", "flux1-dev-Q8_0.gguf", "flux1-dev-IQ2_XS.gguf"):
+        (folder / name).write_bytes(b"")
+    assert find_model_files(tmp_path)["transformer"] == folder / "flux1-dev-Q8_0.gguf"  # the finest listed type
+    (folder / "flux1-dev.safetensors").write_bytes(b"")
+    assert find_model_files(tmp_path)["transformer"] == folder / "flux1-dev.safetensors"
+
+
 def test_cli_speed_mode_reports_fewer_full_evaluations_and_refuses_bad_names(tmp_path):
     import os
 
