@@ -98,3 +98,34 @@ def save_image(image, path, output_format: str | None = None, quality: int = 80,
         return _publish(tmp, path, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_settings(data: bytes) -> dict:
+    """The settings save_image wrote into an image (its `metadata`), from the file's bytes; {} when there
+    are none or the bytes are not an image. PNG values that were JSON come back decoded; the graphs are left
+    out. (A PNG stores every value as text, so a string that reads as JSON comes back as that JSON value.)"""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError):
+        return {}
+    if image.format == "PNG":
+        settings = {}
+        for key, value in getattr(image, "text", {}).items():
+            if key in EXIF_GRAPH_TAGS:
+                continue
+            if key.endswith("_text") and key[:-5] in EXIF_GRAPH_TAGS:  # renamed next to a graph (save_image)
+                key = key[:-5]
+            try:
+                settings[key] = json.loads(value)
+            except json.JSONDecodeError:
+                settings[key] = value
+        return settings
+    try:
+        settings = json.loads(image.getexif().get(EXIF_DESCRIPTION, "{}"))
+    except (json.JSONDecodeError, TypeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}

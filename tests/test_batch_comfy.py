@@ -185,7 +185,7 @@ def _seed_in_image(path) -> int:
 def test_two_servers_share_a_batch_and_a_rerun_submits_nothing(tmp_path, servers):
     jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
         {"prompt": "a red apple", "seed": 21, "variations": 2, **TINY},
-        {"prompt": "a green pear", "variations": 2, **TINY},
+        {"prompt": "a green pear", "variations": 2, **dict(TINY, num_inference_steps=8)},
     ])
     out = tmp_path / "out"
     steps_seen = []
@@ -201,7 +201,12 @@ def test_two_servers_share_a_batch_and_a_rerun_submits_nothing(tmp_path, servers
         steps_seen.append(r["steps_reported"])
         assert r["backend"] == "comfyui" and r["prompt_id"] and r["server_file"].startswith("flux_batch/")
         assert _seed_in_image(out / r["file"]) == r["seed"]  # the host made it from the item's own seed
-    assert steps_seen == [2, 2, 2, 2]  # progress followed over the websocket
+    assert sorted(steps_seen) == [2, 2, 8, 8]  # progress followed over the websocket
+    # full evaluations, read back from the saved images: the workflow's Extra Juiced runs at most 3 of 8 steps in full
+    evaluations = {r["prompt"]: set() for r in records}
+    for r in records:
+        evaluations[r["prompt"]].add(r["evaluations"])
+    assert evaluations["a red apple"] == {2} and evaluations["a green pear"] <= {2, 3}
     apples = sorted(r["seed"] for r in records if r["prompt"] == "a red apple")
     pears = sorted(r["seed"] for r in records if r["prompt"] == "a green pear")
     assert apples == [21, 22] and pears[1] == pears[0] + 1

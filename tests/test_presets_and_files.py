@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from flux_core import presets
-from flux_core.image_files import save_image
+from flux_core.image_files import read_settings, save_image
 
 
 @pytest.mark.parametrize("ratio", presets.ASPECT_RATIOS)
@@ -51,6 +51,11 @@ def test_images_carry_metadata_and_are_never_overwritten(tmp_path, fmt):
             assert back.text["prompt"] == "an orange" and back.text["seed"] == "42"
         else:
             assert json.loads(back.getexif()[0x010E]) == meta
+    # read back from the bytes (as the batch client does with a server's image), graphs left out
+    graphs = {"prompt": {"1": {"class_type": "X", "inputs": {}}}, "workflow": {"nodes": []}}
+    with_graphs = save_image(img, tmp_path / f"g.{fmt}", fmt, metadata=meta, graphs=graphs)
+    assert read_settings(with_graphs.read_bytes()) == meta
+    assert read_settings(b"not an image") == {}
 
 
 def test_quality_changes_jpeg_size(tmp_path):

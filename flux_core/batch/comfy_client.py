@@ -22,6 +22,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from ..image_files import read_settings
 from .driver import ItemResult
 from .jobs import WorkItem
 from .websocket import BINARY, WebSocket, WebSocketError
@@ -302,7 +303,9 @@ def run_item(server: ComfyServer, workflow: dict, item: WorkItem, on_progress=No
             "timings": {"queue_and_run_s": round(finished - submitted, 4),
                         "fetch_s": round(time.perf_counter() - finished, 4),
                         "total_s": round(time.perf_counter() - start, 4)},
-            "steps_reported": steps["max"] or None}
+            "steps_reported": steps["max"] or None,
+            # full transformer evaluations, as the pack's nodes record them in the image (None from other savers)
+            "evaluations": read_settings(data).get("evaluations")}
     return ItemResult(item, data=data, extension=Path(images[0]["filename"]).suffix, info=info)
 
 
