@@ -17,7 +17,8 @@ How it hooks in (ComfyUI 0.3.75 names):
   patches are still in place (if a later node replaced one, the call runs in full, never half-skipped).
 * an ``OUTER_SAMPLE`` wrapper around every sampling run: a fresh plan for the run's step count (budgets
   scale with it), and at the end the count of full evaluations, logged, kept in ``last_run`` and recorded
-  for the image metadata of the running prompt (``prompt_metadata``).
+  for the image metadata of the running prompt (``prompt_metadata``), with the node's runtime choices
+  (``acceleration``, host_compile).
 
 Outside a sampling run (no OUTER_SAMPLE around the call) the model runs unchanged.
 """
@@ -139,7 +140,8 @@ class HostStepCache:
     """Step caching for one patched MODEL (shared by its clones; ComfyUI runs one sampling at a time).
 
     ``attach(model_patcher)`` installs it on a clone; after each sampling run ``last_run`` holds
-    {"speed_mode", "steps", "full_evaluations", "pattern", "model_calls", "full_model_calls"}.
+    {"speed_mode", "steps", "full_evaluations", "pattern", "model_calls", "full_model_calls"}; the node sets
+    ``acceleration`` (the runtime choices), saved with each run's metadata.
     """
 
     def __init__(self, mode_name: str, config: StepCacheConfig, short_name: str | None = None):
@@ -148,6 +150,7 @@ class HostStepCache:
         self.mode, self.config = mode_name, config
         self.short_name = short_name or mode_name
         self.last_run: dict | None = None
+        self.acceleration: dict | None = None  # the runtime choices (host_compile.accelerate), set by the node
         self.last_steps: list = []  # the last run's decision per step (full, reason, change), for tests and logs
         self._run: _Run | None = None
         self._call: _Call | None = None
@@ -238,7 +241,7 @@ class HostStepCache:
         self.last_steps = [run.steps.get(i) for i in range(run.num_steps)]
         self.last_run = {"speed_mode": self.mode, "steps": run.num_steps, "full_evaluations": full,
                          "pattern": pattern, "model_calls": run.calls, "full_model_calls": run.full_calls}
-        record_run(self.last_run)
+        record_run(self.last_run, self.acceleration)
         LOG.info("%s [%s]: %s of %d steps evaluated in full (%s), %d of %d model calls", TITLE, self.short_name,
                  full, run.num_steps, pattern, run.full_calls, run.calls)
         for problem in sorted(run.problems - self._warned):
@@ -328,7 +331,7 @@ def _plain(method):
 # what the save nodes write: the runs of the prompt being executed
 
 _RUNS_LOCK = threading.Lock()
-_PROMPT_RUNS: "OrderedDict[str, list[dict]]" = OrderedDict()
+_PROMPT_RUNS: "OrderedDict[str, list[tuple[dict, dict | None]]]" = OrderedDict()  # (run, acceleration)
 _KEEP_PROMPTS = 16
 
 
@@ -341,24 +344,32 @@ def _prompt_id() -> str | None:
     return getattr(context, "prompt_id", None)
 
 
-def record_run(summary: dict) -> None:
+def record_run(summary: dict, acceleration: dict | None = None) -> None:
     prompt_id = _prompt_id()
     if prompt_id is None:
         return
     with _RUNS_LOCK:
-        _PROMPT_RUNS.setdefault(prompt_id, []).append(dict(summary))
+        _PROMPT_RUNS.setdefault(prompt_id, []).append((dict(summary), acceleration))
         _PROMPT_RUNS.move_to_end(prompt_id)
         while len(_PROMPT_RUNS) > _KEEP_PROMPTS:
             _PROMPT_RUNS.popitem(last=False)
 
 
 def prompt_metadata() -> dict:
-    """{"evaluations": ..., "step_cache": ...} for the speed-mode runs of the prompt being executed ({} if
-    none ran in it): one run gives a number and its summary, several give lists in run order."""
+    """{"evaluations": ..., "step_cache": ..., "acceleration": ...} for the speed-mode runs of the prompt being
+    executed ({} if none ran in it): one run gives a number and its summaries, several give lists in run
+    order. "acceleration" (the runtime choices) only where the node recorded them."""
     with _RUNS_LOCK:
-        runs = list(_PROMPT_RUNS.get(_prompt_id() or "", []))
-    if not runs:
+        entries = list(_PROMPT_RUNS.get(_prompt_id() or "", []))
+    if not entries:
         return {}
+    runs = [run for run, _ in entries]
+    accelerations = [acceleration for _, acceleration in entries]
     if len(runs) == 1:
-        return {"evaluations": runs[0]["full_evaluations"], "step_cache": runs[0]}
-    return {"evaluations": [r["full_evaluations"] for r in runs], "step_cache": runs}
+        meta = {"evaluations": runs[0]["full_evaluations"], "step_cache": runs[0], "acceleration": accelerations[0]}
+    else:
+        meta = {"evaluations": [r["full_evaluations"] for r in runs], "step_cache": runs,
+                "acceleration": accelerations}
+    if all(acceleration is None for acceleration in accelerations):
+        del meta["acceleration"]
+    return meta

@@ -9,8 +9,6 @@ from ..flux_core.speed.presets import DEFAULT_SPEED_MODE, SPEED_MODES  # noqa: F
 CATEGORY = "FLUX.1 [dev] Juiced"
 
 
-
-
 def prompt():
     return ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                        "tooltip": "What to draw. FLUX follows long, plain-language descriptions well."})
@@ -67,6 +65,13 @@ def filename_prefix(default: str = "flux_juiced/FLUX"):
     return ("STRING", {"default": default,
                        "tooltip": "File name prefix inside the output folder; may contain a subfolder. Existing "
                                   "files are never overwritten."})
+
+
+def job_inputs() -> dict:
+    """The design table's inputs, in its order: the required inputs of the all-in-one node, local or remote."""
+    return {"prompt": prompt(), "aspect_ratio": aspect_ratio(), "speed_mode": speed_mode(),
+            "num_inference_steps": steps(), "guidance": guidance(), "seed": seed(), "image_size": image_size(),
+            "output_format": output_format(), "output_quality": output_quality()}
 
 
 def changed_when_random(seed) -> str:

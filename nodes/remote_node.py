@@ -45,16 +45,8 @@ class FluxJuicedRemoteTextToImage:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "provider": _provider(),
-                "prompt": inputs.prompt(),
-                "aspect_ratio": inputs.aspect_ratio(),
-                "speed_mode": inputs.speed_mode(),
-                "num_inference_steps": inputs.steps(),
-                "guidance": inputs.guidance(),
-                "seed": inputs.seed(),
-                "image_size": inputs.image_size(),
-                "output_format": inputs.output_format(),
-                "output_quality": inputs.output_quality(),
+                "provider": _provider(),  # first: the one input the local node lacks
+                **inputs.job_inputs(),
             },
             "optional": {
                 "filename_prefix": inputs.filename_prefix("flux_juiced/FLUX_remote"),

@@ -32,7 +32,7 @@ class FluxJuicedSaveImage:
     def save(self, images, filename_prefix, output_format, output_quality, seed=None, prompt=None,
              extra_pnginfo=None):
         parameters = saving.summarize_graph(prompt)
-        parameters.update(host_step_cache.prompt_metadata())  # full evaluations of this prompt's speed-mode runs
+        parameters.update(host_step_cache.prompt_metadata())  # this prompt's speed-mode runs and their runtime choices
         if seed is not None:
             parameters["seeds"] = [seed + i for i in range(len(images))]
         saved = saving.save_batch(images, filename_prefix, output_format, output_quality, parameters,

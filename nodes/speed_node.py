@@ -17,11 +17,12 @@ def _short_name(mode_name: str) -> str:
 
 
 def apply_speed_mode(model, speed_mode: str):
-    """(MODEL, cache): a clone of `model` with the mode's step caching attached, and the HostStepCache whose
-    last_run reports each sampling run. "Off" (or a host without the extension points, with a warning)
-    gives the MODEL itself, untouched, and None. ValueError for an unknown mode or a MODEL that is not
-    ComfyUI's own FLUX transformer."""
-    from . import host_step_cache
+    """(MODEL, cache): a clone of `model` with the mode's step caching attached (and its blocks compiled
+    where the engine's runtime plan says so, host_compile), and the HostStepCache whose last_run reports each
+    sampling run and whose `acceleration` holds the runtime choices. "Off" (or a host without the extension
+    points, with a warning) gives the MODEL itself, untouched, and None. ValueError for an unknown mode or a
+    MODEL that is not ComfyUI's own FLUX transformer."""
+    from . import host_compile, host_step_cache
 
     mode = presets.resolve(speed_mode)
     if mode is None or not mode.cache.enabled:
@@ -30,10 +31,12 @@ def apply_speed_mode(model, speed_mode: str):
     if reason:
         LOG.warning("%s: %s; the MODEL is returned unchanged (no speed-up)", host_step_cache.TITLE, reason)
         return model, None
-    host_step_cache.block_keys(model)  # refuse a non-FLUX MODEL before cloning anything
+    blocks = host_step_cache.block_keys(model)  # refuse a non-FLUX MODEL before cloning anything
     patched = model.clone()
     cache = host_step_cache.HostStepCache(mode.name, mode.cache, _short_name(mode.name))
     cache.attach(patched)
+    cache.acceleration = host_compile.accelerate(patched, mode, blocks)
+    LOG.info("%s [%s]: %s", host_step_cache.TITLE, cache.short_name, host_compile.describe(cache.acceleration))
     return patched, cache
 
 
@@ -46,7 +49,10 @@ class FluxJuicedSpeed:
                    "/ Extra / Blink), scaled for other step counts; the first and last steps always run. The "
                    "count is logged after each run and saved by Save Image (Juiced). Works through ComfyUI's "
                    "block patches and wrappers, so it chains with LoRA and other patches; put it last in the "
-                   "MODEL chain. Best with deterministic samplers (euler); ancestral/SDE samplers blur more.")
+                   "MODEL chain. Best with deterministic samplers (euler); ancestral/SDE samplers blur more. "
+                   "The blocks are also torch.compiled (ComfyUI's compile wrapper) where the engine finds it pays: "
+                   "on CUDA with Triton, not on a CPU; the environment variable FLUX_JUICED_COMPILE=on|off|auto "
+                   "overrides that. Attention and fp8 stay ComfyUI's own. The choices are logged and saved.")
     CATEGORY = inputs.CATEGORY
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)

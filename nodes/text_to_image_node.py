@@ -30,17 +30,7 @@ class FluxJuicedTextToImage:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "prompt": inputs.prompt(),
-                "aspect_ratio": inputs.aspect_ratio(),
-                "speed_mode": inputs.speed_mode(),
-                "num_inference_steps": inputs.steps(),
-                "guidance": inputs.guidance(),
-                "seed": inputs.seed(),
-                "image_size": inputs.image_size(),
-                "output_format": inputs.output_format(),
-                "output_quality": inputs.output_quality(),
-            },
+            "required": inputs.job_inputs(),
             "optional": {
                 "transformer_name": _file("transformer", "Transformer file in models/diffusion_models."),
                 "t5_name": _file("t5", "T5-XXL file in models/text_encoders."),
@@ -83,6 +73,8 @@ class FluxJuicedTextToImage:
         parameters["evaluations"] = run["full_evaluations"] if run else num_inference_steps
         if run:
             parameters["step_cache"] = run
+        if step_cache and step_cache.acceleration:
+            parameters["acceleration"] = step_cache.acceleration  # compile / attention / precision, with reasons
         saved = saving.save_batch(images, filename_prefix, output_format, output_quality, parameters,
                                   prompt=prompt_graph, extra_pnginfo=extra_pnginfo)
         return {"ui": {"images": saved, "text": [f"seed {used}"]}, "result": (images, used)}

@@ -11,6 +11,7 @@ the cheapest honest alternative with the same number of full evaluations: fewer 
 from __future__ import annotations
 
 import contextlib
+import json
 import importlib
 import importlib.util
 import logging
@@ -346,16 +347,134 @@ def test_a_model_that_is_not_the_hosts_flux_is_refused(pack, model):
 
 
 # ------------------------------------------------------------------------------------------------
+# runtime choices: compile through the host's torch.compile wrapper; attention and precision stay the host's
+
+COMPILE_ENV = "FLUX_JUICED_COMPILE"
+
+
+def compile_wrappers(model):
+    from comfy.patcher_extension import WrappersMP
+
+    return model.get_wrappers(WrappersMP.APPLY_MODEL, "torch.compile")
+
+
+def test_on_a_cpu_the_modes_stay_eager_and_say_why(pack, model, monkeypatch, caplog):
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger="flux_juiced.speed"):
+        patched, cache = speed(pack, model, presets.JUICED)
+    assert not compile_wrappers(patched) and "torch_compile_kwargs" not in patched.model_options
+    choices = cache.acceleration
+    json.dumps(choices)  # goes into image metadata as it is
+    assert choices["device"] == "cpu" and choices["dtype"] == "float32"
+    assert choices["compile"] is False and choices["compiled_blocks"] == 0 and choices["compile_backend"] is None
+    assert "on a CPU compiled blocks measured no faster" in choices["compile_reason"]
+    assert f"{COMPILE_ENV}=on forces it" in choices["compile_reason"]
+    assert choices["options"]["compile"] == "auto" and choices["compile_request_from"] == "speed mode"
+    # Attention and matmuls stay ComfyUI's; the engine's own choice (fp8 for Juiced, not on a CPU) is recorded.
+    assert choices["attention"].startswith("comfyui:") and choices["engine_attention"] == "sdpa"
+    assert "does not replace host attention" in choices["attention_reason"]
+    assert choices["precision"] == "comfyui" and "adds no fp8 matmuls" in choices["precision_reason"]
+    assert choices["engine_precision"] == "native" and "not fp8" in choices["precision_reason"]
+    (line,) = [r.getMessage() for r in caplog.records if "compile off" in r.getMessage()]
+    assert line.startswith("FLUX.1 Speed Mode (Juiced) [juiced]: compile off (eager: on a CPU")
+    monkeypatch.setenv(COMPILE_ENV, "off")
+    choices = speed(pack, model, presets.BLINK)[1].acceleration
+    assert choices["compile"] is False and choices["compile_reason"] == "compilation off, as requested"
+    assert choices["compile_request_from"] == COMPILE_ENV
+
+
+def test_forced_compile_runs_the_compiled_blocks_with_the_same_result(pack, model, cond, monkeypatch, caplog):
+    """FLUX_JUICED_COMPILE=on on a CPU: each block compiled through ComfyUI's set_torch_compile_wrapper, under
+    the step cache's block patches. Same decisions, same latent up to float rounding, and the blocks the host
+    ran during the model calls were the compiled ones."""
+    from comfy.patcher_extension import WrappersMP
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.utils import counters
+
+    mode, steps = presets.EXTRA_JUICED, 15
+    # The host's CPU default attention (sub-quadratic) asks psutil for free memory inside every call, which
+    # breaks the compiled graph there and recompiles whenever the number changes; its public override hook
+    # swaps in its PyTorch SDPA attention (its GPU default) for both runs, which keeps compiling quick.
+    from comfy.ldm.modules.attention import get_attention_function
+
+    sdpa = get_attention_function("pytorch")
+    base = model.clone()
+    base.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = \
+        lambda func, *args, **kwargs: sdpa(*args, **kwargs)
+    monkeypatch.setenv(COMPILE_ENV, "off")
+    eager, eager_cache = speed(pack, base, mode)
+    expected = sample_ours(pack, eager, cond, steps)
+    monkeypatch.setenv(COMPILE_ENV, "on")
+    with caplog.at_level(logging.INFO, logger="flux_juiced.speed"):
+        compiled, cache = speed(pack, base, mode)
+    assert compile_wrappers(compiled) and not compile_wrappers(base) and not compile_wrappers(model)
+    assert "torch_compile_kwargs" not in base.model_options
+    assert compiled.model_options["torch_compile_kwargs"]["backend"] == "inductor"
+    net = model.model.diffusion_model
+    originals = list(net.double_blocks) + list(net.single_blocks)
+    choices, blocks = cache.acceleration, len(originals)
+    assert choices["compile"] is True and choices["compiled_blocks"] == blocks
+    assert choices["compile_backend"] == "inductor"
+    assert "set_torch_compile_wrapper" in choices["compile_reason"] and choices["compile_request_from"] == COMPILE_ENV
+    assert f"compile on, {blocks} blocks" in caplog.text
+
+    seen = []
+
+    def spy(executor, *args, **kwargs):  # inside apply_model: what the host's block lists hold right now
+        seen.append({type(b) for b in (*net.double_blocks, *net.single_blocks)})
+        return executor(*args, **kwargs)
+
+    compiled.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "flux_juiced_test_spy", spy)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        out = sample_ours(pack, compiled, cond, steps)
+        frames, graphs = counters["frames"]["ok"], counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    err = rel_l2(out, expected)
+    print(f"\ncompiled {mode}: {cache.last_run['pattern']}, rel L2 {err:.2e} against eager, "
+          f"{frames} frames compiled, {graphs} graphs")
+    assert cache.last_run == eager_cache.last_run  # same decisions, same counts
+    assert cache.last_run["full_evaluations"] < steps
+    assert err < 1e-4, err
+    assert len(seen) == steps and all(kinds == {OptimizedModule} for kinds in seen)
+    assert list(net.double_blocks) + list(net.single_blocks) == originals  # swapped back after each call
+    assert frames == graphs == 2  # one graph per block kind, shared by all blocks of that kind; no recompiles
+
+    # A later speed node with compile off takes its compile wrapper off again.
+    monkeypatch.setenv(COMPILE_ENV, "off")
+    again, again_cache = speed(pack, compiled, mode)
+    assert not compile_wrappers(again) and "torch_compile_kwargs" not in again.model_options
+    assert again_cache.acceleration["compile"] is False
+
+
+def test_another_nodes_torch_compile_is_left_alone(pack, model, monkeypatch):
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    theirs = model.clone()
+    set_torch_compile_wrapper(theirs, backend="inductor")  # TorchCompileModel's call: the whole diffusion_model
+    wrapper = compile_wrappers(theirs)[0]
+    monkeypatch.setenv(COMPILE_ENV, "on")
+    patched, cache = speed(pack, theirs, presets.JUICED)
+    assert compile_wrappers(patched) == [wrapper]
+    assert cache.acceleration["compile"] is False and "another node" in cache.acceleration["compile_reason"]
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------
 # the real server over HTTP: the shipped workflow and the all-in-one node
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A real server with the demo weights; one torch thread (tiny tensors, shared cores)."""
+    """A real server with the demo weights; one torch thread (tiny tensors, shared cores); compile left to the
+    modes (eager on this CPU) whatever the calling shell sets."""
     import workflow_tools as wt
     from host_server import ComfyServer
 
-    server = ComfyServer(tmp_path_factory.mktemp("comfy_speed"), env={"OMP_NUM_THREADS": "1"}).start()
+    server = ComfyServer(tmp_path_factory.mktemp("comfy_speed"),
+                         env={"OMP_NUM_THREADS": "1", COMPILE_ENV: "auto"}).start()
     try:
         wt.place_demo_models(server, [wt.load_api(name) for name in wt.LOCAL_WORKFLOWS])
         yield server
@@ -399,11 +518,12 @@ def test_the_shipped_speed_workflow_saves_its_evaluations(server):
         settings = saved_settings(server, prompt, save_id)
         assert settings["FluxJuicedSpeed"] == {"speed_mode": mode}
         if expected is None:  # Off: the MODEL itself, nothing cached, nothing counted
-            assert "evaluations" not in settings and "step_cache" not in settings
+            assert "evaluations" not in settings and "step_cache" not in settings and "acceleration" not in settings
             continue
         cache = settings["step_cache"]
         assert settings["evaluations"] == cache["full_evaluations"] == expected == cache["pattern"].count("F")
         assert cache["steps"] == cache["model_calls"] == steps and cache["speed_mode"] == mode
+        assert settings["acceleration"]["compile"] is False and settings["acceleration"]["device"] == "cpu"
     assert "FLUX.1 Speed Mode (Juiced) [extra-juiced]: 9 of 28 steps evaluated in full" in server.log()
     assert "FLUX.1 Speed Mode (Juiced) [blink-of-an-eye]: 4 of 15 steps evaluated in full" in server.log()
 
@@ -419,3 +539,7 @@ def test_the_all_in_one_nodes_speed_mode_runs_the_same_machinery(server):
         assert settings["speed_mode"] == mode and settings["num_inference_steps"] == steps
         assert settings["evaluations"] == settings["step_cache"]["full_evaluations"] == expected
         assert settings["step_cache"]["pattern"].count("F") == expected
+        choices = settings["acceleration"]
+        assert choices["compile"] is False and "on a CPU" in choices["compile_reason"]
+        assert choices["attention"].startswith("comfyui:") and choices["precision"] == "comfyui"
+    assert "FLUX.1 Speed Mode (Juiced) [juiced]: compile off (eager: on a CPU" in server.log()
