@@ -142,7 +142,7 @@ def measure(dtype_name, args):
         rows.append({"name": name, "note": note, "median": statistics.median(times[name]), "all": times[name],
                      "cpu": statistics.median(cpu_times[name]), "warmup": warmup[name],
                      "diff": ((outputs[name] - ref).abs().max() / ref.abs().max()).item()
-                     if outputs[name].shape == ref.shape else float("nan")})
+                     if name != FLOOR else float("nan")})
     peers_only = [r for r in rows if not r["name"].startswith(("flux_core", FLOOR))]
     best, best_cpu = min(r["median"] for r in peers_only), min(r["cpu"] for r in peers_only)
     for r in rows:
@@ -182,8 +182,7 @@ def write(args, results, n_params):
             lines.append(f"| {r['name']} | {r['cpu']:.2f} | {r['cpu_ratio']:.2f} | {r['median']:.2f} | {r['ratio']:.2f} | "
                          f"{' / '.join(f'{t:.2f}' for t in r['all'])} | {r['warmup']:.1f} | {r['diff']:.1e} | {r['note']} |")
         lines.append("")
-    lines += [f"Command: `.venv/bin/python bench/transformer_eval.py --dtypes {' '.join(results)} --repeat {args.repeat}`",
-              ""]
+    lines += [f"Command: `.venv/bin/python bench/transformer_eval.py {' '.join(sys.argv[1:])}`", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines), encoding="utf-8")
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
