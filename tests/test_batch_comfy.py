@@ -251,3 +251,64 @@ def test_a_server_lost_mid_batch_gives_its_item_to_the_other(tmp_path, servers):
     assert sorted(r["seed"] for r in records) == [3, 4, 5, 6]  # every item exactly once
     assert next(r for r in records if r["id"] == stopped[0])["server"] == survivor.url
     assert verify(out) == []
+
+
+class _StuckComfyUI:
+    """A ComfyUI stand-in on 127.0.0.1 that takes prompts and never finishes them (no websocket: the
+    client polls /history), and records what the client asks of it."""
+
+    def __init__(self):
+        import http.server
+
+        calls = self.calls = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                calls.append(("GET", self.path, None))
+                if self.path == "/system_stats" or self.path.startswith("/history/"):
+                    self._reply(200, {})
+                else:
+                    self._reply(404, {"error": "not here"})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                calls.append(("POST", self.path, body))
+                self._reply(200, {"prompt_id": body.get("prompt_id")} if self.path == "/prompt" else {})
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_an_item_stuck_on_a_server_times_out_is_taken_off_it_and_fails(tmp_path):
+    stuck = _StuckComfyUI()
+    try:
+        jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "a slow snail", "seed": 5, **TINY}])
+        backend = ComfyBackend([stuck.url], item_timeout=1.5)
+        summary = run_batch(load_jobs(jobs_file), tmp_path / "out", backend, quiet=True)
+    finally:
+        stuck.close()
+    assert (summary.done, summary.failed) == (0, 1)
+    message = summary.failures[0][1]
+    assert "did not finish within 1.5 s" in message and "rerun" in message
+    prompt_id = next(body["prompt_id"] for method, path, body in stuck.calls if path == "/prompt")
+    assert ("POST", "/queue", {"delete": [prompt_id]}) in stuck.calls  # taken off the server's queue
+    assert ("POST", "/interrupt", {"prompt_id": prompt_id}) in stuck.calls
+    assert manifest_lines(tmp_path / "out") == []
+    with pytest.raises(ValueError, match="positive"):
+        ComfyBackend([stuck.url], item_timeout=0)

@@ -41,9 +41,14 @@ LATENT_NODES = ("EmptySD3LatentImage", "EmptyLatentImage")
 RETRIES = 3           # connection attempts before a server is given up
 MAX_ATTEMPTS = 3      # servers an item may lose before it counts as failed
 POLL_S = 5.0          # without websocket news for this long, ask /history directly
+DEFAULT_ITEM_TIMEOUT_S = 1800.0  # one image, queue wait included; 12B at 1024 px takes well under a minute on a GPU
 
 
 class ComfyError(RuntimeError):
+    pass
+
+
+class ItemTimeout(ComfyError):
     pass
 
 
@@ -219,7 +224,7 @@ class ComfyServer:
                 entry = self.history(prompt_id)
                 if entry is not None:
                     return entry
-        raise ComfyError(f"{self.url}: prompt {prompt_id} did not finish within {timeout:.0f}s")
+        raise ItemTimeout(f"{self.url}: prompt {prompt_id} did not finish within {timeout:g} s")
 
     def _history_when_ready(self, prompt_id: str, wait_s: float = 5.0) -> dict | None:
         deadline = time.monotonic() + wait_s  # the end message can come just before /history has it
@@ -264,8 +269,10 @@ def _execution_error(entry: dict) -> str:
 
 
 def run_item(server: ComfyServer, workflow: dict, item: WorkItem, on_progress=None, stop=None,
-             on_submit=None) -> ItemResult:
-    """Run one item on one server. ServerLost when the server cannot be reached."""
+             on_submit=None, timeout: float = DEFAULT_ITEM_TIMEOUT_S) -> ItemResult:
+    """Run one item on one server. ServerLost when the server cannot be reached. An item that has not
+    finished `timeout` seconds after its submission (a stuck server, or one busy with other work) is taken
+    off that server and fails; rerunning the batch makes it."""
     start = time.perf_counter()
     try:
         graph = fill_workflow(workflow, item)
@@ -285,7 +292,11 @@ def run_item(server: ComfyServer, workflow: dict, item: WorkItem, on_progress=No
         if on_progress:
             on_progress(value, maximum)
 
-    entry = server.follow(prompt_id, on_progress=progress, stop=stop)
+    try:
+        entry = server.follow(prompt_id, on_progress=progress, stop=stop, timeout=timeout)
+    except ItemTimeout as exc:
+        server.interrupt(prompt_id)
+        return ItemResult(item, error=f"{exc}; taken off the server (--item-timeout), rerun the batch to make it")
     finished = time.perf_counter()
     if entry.get("status", {}).get("status_str") != "success":
         return ItemResult(item, error=f"{server.url}: {_execution_error(entry)}")
@@ -313,12 +324,13 @@ class _ServerThread(threading.Thread):
     """Takes items from the shared queue while its server answers; reports everything to the driver."""
 
     def __init__(self, url: str, workflow: dict, work: queue.Queue, events: queue.Queue, stop: threading.Event,
-                 attempts: dict):
+                 attempts: dict, item_timeout: float = DEFAULT_ITEM_TIMEOUT_S):
         super().__init__(daemon=True, name=f"comfyui {url}")
         self.server = ComfyServer(url)
         self.workflow, self.work, self.events, self.stop_event = workflow, work, events, stop
         self.attempts = attempts  # item id -> servers lost while running it (shared by all threads)
         self.current: tuple[WorkItem, str | None] | None = None
+        self.item_timeout = item_timeout
 
     def run(self):
         try:
@@ -359,7 +371,8 @@ class _ServerThread(threading.Thread):
             try:
                 result = run_item(self.server, self.workflow, item, stop=self.stop_event,
                                   on_progress=lambda v, m, i=item: self.events.put(("step", self.server.url, i, v, m)),
-                                  on_submit=lambda pid, i=item: setattr(self, "current", (i, pid)))
+                                  on_submit=lambda pid, i=item: setattr(self, "current", (i, pid)),
+                                  timeout=self.item_timeout)
             except ServerLost as exc:
                 self.current = None
                 self.attempts[item.id] = self.attempts.get(item.id, 0) + 1
@@ -383,12 +396,16 @@ class _ServerThread(threading.Thread):
 class ComfyBackend:
     name = "comfyui"
 
-    def __init__(self, urls: list[str], workflow: dict | None = None, on_commit=None):
+    def __init__(self, urls: list[str], workflow: dict | None = None, on_commit=None,
+                 item_timeout: float = DEFAULT_ITEM_TIMEOUT_S):
         if not urls:
             raise ValueError("give at least one ComfyUI server address")
         self.urls = [normalize_url(u) for u in urls]
         self.workflow = workflow if workflow is not None else load_workflow()
         check_workflow(self.workflow)
+        if item_timeout <= 0:
+            raise ValueError(f"the item timeout must be positive; got {item_timeout}")
+        self.item_timeout = item_timeout
         self.on_commit = on_commit  # called with (backend, result) after each result; tests stop servers here
         self.threads: list[_ServerThread] = []
 
@@ -399,7 +416,8 @@ class ComfyBackend:
         for item in items:
             work.put(item)
         attempts: dict[str, int] = {}
-        self.threads = [_ServerThread(url, self.workflow, work, events, stop, attempts) for url in self.urls]
+        self.threads = [_ServerThread(url, self.workflow, work, events, stop, attempts, self.item_timeout)
+                        for url in self.urls]
         for thread in self.threads:
             thread.start()
         outstanding, live = len(items), len(self.threads)

@@ -25,6 +25,9 @@ def add_batch_parser(sub, add_model_arguments) -> None:
                    help="run the jobs on this ComfyUI server instead of the local engine (repeat for several)")
     b.add_argument("--workflow", default=None,
                    help="API-format workflow for --comfyui; default: the pack's workflows/api/flux_text_to_image.json")
+    b.add_argument("--item-timeout", type=float, default=None, metavar="S",
+                   help="with --comfyui: seconds an image may take on a server, queue wait included, before it "
+                        "is taken off that server and counted failed (a rerun makes it); default 1800")
     b.add_argument("--ray", action="store_true", help="run on Ray: a local Ray instance unless --ray-address")
     b.add_argument("--ray-address", default=None, help="join this Ray cluster (implies --ray), e.g. auto or HOST:6379")
     b.add_argument("--workers", type=int, default=None,
@@ -41,11 +44,14 @@ def _backend(args, jobs):
     if args.comfyui:
         if args.ray or args.ray_address:
             raise ValueError("--comfyui and --ray do not go together: ComfyUI servers run the jobs themselves")
-        from .comfy_client import ComfyBackend, load_workflow
+        from .comfy_client import DEFAULT_ITEM_TIMEOUT_S, ComfyBackend, load_workflow
 
-        return ComfyBackend(args.comfyui, load_workflow(args.workflow))
+        return ComfyBackend(args.comfyui, load_workflow(args.workflow),
+                            item_timeout=DEFAULT_ITEM_TIMEOUT_S if args.item_timeout is None else args.item_timeout)
     if args.workflow:
         raise ValueError("--workflow is for --comfyui")
+    if args.item_timeout is not None:
+        raise ValueError("--item-timeout is for --comfyui")
     from .. import presets
     from ..cli import _model_paths, memory_kwargs
 
