@@ -312,3 +312,35 @@ def test_an_item_stuck_on_a_server_times_out_is_taken_off_it_and_fails(tmp_path)
     assert manifest_lines(tmp_path / "out") == []
     with pytest.raises(ValueError, match="positive"):
         ComfyBackend([stuck.url], item_timeout=0)
+
+
+def test_the_comfyui_client_runs_without_torch(tmp_path):
+    """`batch --comfyui` on a machine without the engine's torch: the whole command, torch unimportable."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stuck = _StuckComfyUI()
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "a pear", "seed": 1, "speed_mode": "juiced", **TINY}])
+    script = (
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is not installed here')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from flux_core.cli import main\n"
+        f"sys.exit(main(['batch', {str(jobs_file)!r}, '--out', {str(tmp_path / 'out')!r}, '--comfyui', "
+        f"{stuck.url!r}, '--item-timeout', '1', '--quiet']))\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parent.parent)
+    finally:
+        stuck.close()
+    assert "torch is not installed" not in done.stderr, done.stderr
+    assert done.returncode == 1 and "1 failed" in done.stdout, done.stdout + done.stderr  # ran, then timed out
+    failure = json.loads((tmp_path / "out" / "failures.jsonl").read_text().splitlines()[0])
+    assert "did not finish within 1 s" in failure["error"]
+    graph = next(body["prompt"] for method, path, body in stuck.calls if path == "/prompt")
+    assert next(n for n in graph.values() if n["class_type"] == "FluxJuicedTextToImage")["inputs"]["speed_mode"] \
+        == "Juiced 🔥 (default)"

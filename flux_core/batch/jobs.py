@@ -69,7 +69,7 @@ class WorkItem:
 
 
 def _speed_mode(value):
-    from ..speed import presets as speed_presets  # imports torch, so only when a line is checked
+    from ..speed import presets as speed_presets  # torch-free (speed/settings.py)
 
     if value is None:
         return speed_presets.DEFAULT_SPEED_MODE

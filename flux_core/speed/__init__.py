@@ -11,11 +11,22 @@ presets that combine them (presets.py).
 """
 from __future__ import annotations
 
-from . import presets
-from .caching import StepCache, StepCacheConfig, StepDecision, StepPlan, StepPlanner, forecast, plan_pattern
-from .presets import DEFAULT_SPEED_MODE, SPEED_MODES, SpeedMode
-from .runtime import AccelerationReport, RuntimeOptions, accelerate, plan
+import importlib
 
-__all__ = ["StepCache", "StepCacheConfig", "StepDecision", "StepPlan", "StepPlanner", "forecast", "plan_pattern",
-           "presets", "SPEED_MODES", "DEFAULT_SPEED_MODE", "SpeedMode", "AccelerationReport", "RuntimeOptions",
-           "accelerate", "plan"]
+from . import presets
+from .presets import DEFAULT_SPEED_MODE, SPEED_MODES, SpeedMode
+from .settings import RuntimeOptions, StepCacheConfig
+
+# The rest needs torch: imported on first use, so the presets and settings stay importable without it.
+_LAZY = {name: "caching" for name in ("StepCache", "StepDecision", "StepPlan", "StepPlanner", "forecast",
+                                      "plan_pattern")}
+_LAZY.update({name: "runtime" for name in ("AccelerationReport", "accelerate", "plan")})
+
+__all__ = ["presets", "SPEED_MODES", "DEFAULT_SPEED_MODE", "SpeedMode", "RuntimeOptions", "StepCacheConfig",
+           *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -44,8 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .caching import REFERENCE_STEPS, StepCacheConfig
-from .runtime import RuntimeOptions
+from .settings import REFERENCE_STEPS, RuntimeOptions, StepCacheConfig
 
 OFF = "off"
 

@@ -21,16 +21,10 @@ import torch
 from . import attention as attn
 from . import compile as comp
 from . import fp8_linear, precision as prec
+from .settings import RuntimeOptions
 
 FUSED_QKV = ("one matmul for q, k and v in each double-block stream and one for q, k, v and the MLP input in "
              "each single block: the reference checkpoint layout, used as stored (diffusers runs q, k, v as three)")
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    attention: str = "auto"   # auto | sdpa | sage | math
-    compile: str = "auto"     # auto | on | off
-    precision: str = "auto"   # native | auto | fp8
 
 
 @dataclass(frozen=True)
