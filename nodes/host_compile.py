@@ -5,8 +5,11 @@ host's device and dtype, and the part of it the host takes through a public exte
   ``comfy_api.torch_helpers.set_torch_compile_wrapper`` (an APPLY_MODEL wrapper that swaps the compiled
   blocks in for the duration of each model call). The step cache's block patches keep working on top: the
   host calls our patch, the patch calls the host's original block, which is then the compiled module.
-* attention and fp8 matmuls: the host's FLUX model runs ComfyUI's own attention and ops, and they are left
-  as they are; the summary says what the engine would have used and why it is not applied here.
+* fp8 matmuls (host_precision.py): where the plan says fp8 and the MODEL's block linears are stored as
+  packed fp8 (weight_dtype fp8 in this pack's loader), they run row-scaled fp8 matmuls from those weights
+  during the model calls of the node's clone; otherwise ComfyUI's own ops compute them, and the summary says why.
+* attention: the host's FLUX model runs ComfyUI's own attention, left as it is; the summary says what the
+  engine would have used and why it is not applied here.
 
 ``FLUX_JUICED_COMPILE`` (auto | on | off, default auto) overrides the mode's compile request, e.g. "on" to
 compile on a CPU, where "auto" stays eager (compile.py: measured no gain there).
@@ -129,10 +132,13 @@ def _host_attention() -> str:
 
 def accelerate(model, mode, blocks) -> dict:
     """Plan `mode`'s runtime choices (presets.SpeedMode) for the host's device and `model`'s dtype, apply
-    the compile choice to `model` (a clone this pack owns) and return the JSON-able summary."""
+    the compile and fp8-matmul choices to `model` (a clone this pack owns) and return the JSON-able summary."""
+    from . import host_precision
+
     requested = requested_compile()
     options = mode.runtime if requested is None else dataclasses.replace(mode.runtime, compile=requested)
-    report = runtime.plan(options, _host_device(), compute_dtype(model))
+    device, dtype = _host_device(), compute_dtype(model)
+    report = runtime.plan(options, device, dtype)
     compiled, count = _compile(model, report.compile, blocks)
     if "compile='on' forces it" in compiled.reason:  # the engine's wording; in ComfyUI the switch is ENV
         compiled = dataclasses.replace(compiled, reason=compiled.reason.replace("compile='on'", f"{ENV}=on"))
@@ -147,18 +153,16 @@ def accelerate(model, mode, blocks) -> dict:
         attention_reason=(f"ComfyUI's own attention ({host_attention}, picked by its launch options) in its FLUX "
                           f"model, left as it is: the speed node does not replace host attention. The engine "
                           f"would use {report.attention.name}: {report.attention.reason}"),
-        engine_attention=report.attention.name,
-        precision="comfyui",
-        precision_reason=(f"ComfyUI's own ops compute the linears (its fp8 options, such as --fast or fp8 "
-                          f"checkpoints, apply as configured); the speed node adds no fp8 matmuls. The engine "
-                          f"would use {report.precision.name}: {report.precision.reason}"),
-        engine_precision=report.precision.name)
+        engine_attention=report.attention.name)
+    summary.update(host_precision.apply(model, mode, report.precision, device, dtype))
     return summary
 
 
 def describe(summary: dict) -> str:
     """One log line."""
     compiled = (f"compile on, {summary['compiled_blocks']} blocks" if summary["compile"] else "compile off")
+    precision = (f"fp8 matmuls in {summary['fp8_layers']} packed fp8 block linears" if summary["precision"] == "fp8"
+                 else f"ComfyUI's ops, no fp8 matmuls from this node: {summary['fp8_reason']}")
     return (f"{compiled} ({summary['compile_reason']}); attention: {summary['attention']} (engine: "
-            f"{summary['engine_attention']}); precision: ComfyUI's ops, no fp8 matmuls from this node (engine: "
-            f"{summary['engine_precision']}); {summary['device']}, {summary['dtype']}")
+            f"{summary['engine_attention']}); precision: {precision} (engine: {summary['engine_precision']}); "
+            f"{summary['device']}, {summary['dtype']}")

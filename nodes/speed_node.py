@@ -17,11 +17,12 @@ def _short_name(mode_name: str) -> str:
 
 
 def apply_speed_mode(model, speed_mode: str):
-    """(MODEL, cache): a clone of `model` with the mode's step caching attached (and its blocks compiled
-    where the engine's runtime plan says so, host_compile), and the HostStepCache whose last_run reports each
-    sampling run and whose `acceleration` holds the runtime choices. "Off" (or a host without the extension
-    points, with a warning) gives the MODEL itself, untouched, and None. ValueError for an unknown mode or a
-    MODEL that is not ComfyUI's own FLUX transformer."""
+    """(MODEL, cache): a clone of `model` with the mode's step caching attached (and, where the engine's
+    runtime plan says so, its blocks compiled and its packed fp8 block linears run as fp8 matmuls:
+    host_compile, host_precision), and the HostStepCache whose last_run reports each sampling run and whose
+    `acceleration` holds the runtime choices. "Off" (or a host without the extension points, with a warning)
+    gives the MODEL itself, untouched, and None. ValueError for an unknown mode or a MODEL that is not
+    ComfyUI's own FLUX transformer."""
     from . import host_compile, host_step_cache
 
     mode = presets.resolve(speed_mode)
@@ -52,7 +53,10 @@ class FluxJuicedSpeed:
                    "MODEL chain. Best with deterministic samplers (euler); ancestral/SDE samplers blur more. "
                    "The blocks are also torch.compiled (ComfyUI's compile wrapper) where the engine finds it pays: "
                    "on CUDA with Triton, not on a CPU; the environment variable FLUX_JUICED_COMPILE=on|off|auto "
-                   "overrides that. Attention and fp8 stay ComfyUI's own. The choices are logged and saved.")
+                   "overrides that. On a MODEL loaded with weight_dtype fp8 (FLUX.1 Transformer Loader (Juiced)), "
+                   "the modes that ask for fp8 (not Lightly) run its block linears as fp8 matmuls from the stored "
+                   "fp8 weights on GPUs that have them (compute capability 8.9+, bf16); FLUX_JUICED_FP8_MATMUL="
+                   "on|off|auto overrides that. Attention stays ComfyUI's own. The choices are logged and saved.")
     CATEGORY = inputs.CATEGORY
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)

@@ -347,7 +347,8 @@ def test_a_model_that_is_not_the_hosts_flux_is_refused(pack, model):
 
 
 # ------------------------------------------------------------------------------------------------
-# runtime choices: compile through the host's torch.compile wrapper; attention and precision stay the host's
+# runtime choices: compile through the host's torch.compile wrapper; attention stays the host's, and so do the
+# matmuls of a MODEL without packed fp8 layers (those: test_speed_node_fp8.py)
 
 COMPILE_ENV = "FLUX_JUICED_COMPILE"
 
@@ -370,11 +371,13 @@ def test_on_a_cpu_the_modes_stay_eager_and_say_why(pack, model, monkeypatch, cap
     assert "on a CPU compiled blocks measured no faster" in choices["compile_reason"]
     assert f"{COMPILE_ENV}=on forces it" in choices["compile_reason"]
     assert choices["options"]["compile"] == "auto" and choices["compile_request_from"] == "speed mode"
-    # Attention and matmuls stay ComfyUI's; the engine's own choice (fp8 for Juiced, not on a CPU) is recorded.
+    # Attention and matmuls stay ComfyUI's (fp8 matmuls need packed fp8 layers: test_speed_node_fp8.py); the
+    # engine's own choice (fp8 for Juiced, not on a CPU) is recorded.
     assert choices["attention"].startswith("comfyui:") and choices["engine_attention"] == "sdpa"
     assert "does not replace host attention" in choices["attention_reason"]
     assert choices["precision"] == "comfyui" and "adds no fp8 matmuls" in choices["precision_reason"]
     assert choices["engine_precision"] == "native" and "not fp8" in choices["precision_reason"]
+    assert choices["fp8_layers"] == 0 and "load with weight_dtype fp8" in choices["fp8_reason"]  # no packed layers
     (line,) = [r.getMessage() for r in caplog.records if "compile off" in r.getMessage()]
     assert line.startswith("FLUX.1 Speed Mode (Juiced) [juiced]: compile off (eager: on a CPU")
     monkeypatch.setenv(COMPILE_ENV, "off")

@@ -298,9 +298,9 @@ def test_simulated_older_gpus_windows_and_missing_tools_fall_back_with_reasons(m
     fp16 = prec.choose_precision("cuda:0", torch.float16, "fp8")
     assert fp16.name == "native" and "bf16" in fp16.reason
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    fp8_linear._probe.cache_clear()  # no GPU here: the probe's kernel call fails, and that is a clean fallback
+    fp8_linear.scaled_mm_probe.cache_clear()  # no GPU here: the probe's kernel call fails, and that is a clean fallback
     hopper = prec.choose_precision("cuda:0", torch.bfloat16, "fp8")
-    fp8_linear._probe.cache_clear()
+    fp8_linear.scaled_mm_probe.cache_clear()
     assert hopper.name == "native" and "not available here" in hopper.reason
 
     monkeypatch.setattr(comp, "_has_triton", lambda: False)

@@ -46,7 +46,7 @@ def scaled_mm(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: Te
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(device: str) -> str | None:
+def scaled_mm_probe(device: str) -> str | None:
     """Run one small row-wise scaled matmul with a bias on the device: None if it works, else the error."""
     try:
         gen = torch.Generator(device=device).manual_seed(0)
@@ -76,7 +76,7 @@ def fp8_unsupported(device, dtype: torch.dtype) -> str | None:
         return (f"this GPU is compute capability {capability[0]}.{capability[1]}; fp8 tensor cores need 8.9 (Ada) "
                 f"or newer, and emulating them would be slower than bf16")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _probe(f"cuda:{index}")
+    return scaled_mm_probe(f"cuda:{index}")
 
 
 class Fp8Linear(nn.Linear):
