@@ -75,6 +75,22 @@ def why_not(layers: int, mode_name: str, mode_asks: bool, device, dtype, request
     return fp8_linear.scaled_mm_probe(_device_name(device))  # None when a small row-scaled matmul works there
 
 
+def transformer_storage(speed_mode: str, device) -> str:
+    """The weight_dtype the all-in-one node loads its transformer with for `speed_mode` on `device`: "fp8"
+    where the mode would get fp8 matmuls there (the engine stores fp8-mode weights as e4m3 too), else
+    "default". GPUs compute in bf16, the dtype the check assumes; the speed node re-checks on the loaded
+    MODEL."""
+    from ..flux_core.speed import presets
+
+    mode = presets.resolve(speed_mode)
+    request = requested() or "auto"
+    if mode is None or request == "off" or (request == "auto" and mode.runtime.precision != "fp8"):
+        return "default"
+    if request == "on":
+        return "fp8"
+    return "fp8" if fp8_linear.fp8_unsupported(device, torch.bfloat16) is None else "default"
+
+
 def _wrapper(device):
     # A plain function: ModelPatcher.clone() copies the wrapper lists, sharing the function.
     def fp8_matmuls(executor, *args, **kwargs):

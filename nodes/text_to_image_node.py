@@ -62,7 +62,14 @@ class FluxJuicedTextToImage:
                  (("transformer", transformer_name), ("t5", t5_name), ("clip", clip_name), ("autoencoder", vae_name))}
         clip = host_models.load_clip(paths["t5"], paths["clip"])
         conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        model, step_cache = speed_node.apply_speed_mode(host_models.load_model(paths["transformer"]), speed_mode)
+        import comfy.model_management
+
+        from .host_precision import transformer_storage
+
+        # the weights a mode's fp8 matmuls run from (fp8 on GPUs that have them, as the engine stores them)
+        storage = transformer_storage(speed_mode, comfy.model_management.get_torch_device())
+        model, step_cache = speed_node.apply_speed_mode(host_models.load_model(paths["transformer"], storage),
+                                                        speed_mode)
         latent = flux_sampling.sample(model, conditioning, flux_sampling.empty_latent(width, height), used,
                                       num_inference_steps, guidance)
         images = host_models.load_vae(paths["autoencoder"]).decode(latent["samples"])

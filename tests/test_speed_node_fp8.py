@@ -299,3 +299,17 @@ def test_compiled_blocks_keep_the_fp8_matmuls_in_one_graph_per_block_kind(pack, 
     assert calls.item() == layer_calls(compiled, cache)[0]
     assert graphs == 2 and not breaks, (graphs, breaks)
     assert err < 0.01, err
+
+
+def test_the_all_in_one_node_loads_fp8_weights_only_where_its_mode_gets_fp8_matmuls(pack, monkeypatch):
+    storage = pack.precision.transformer_storage
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(pack.precision.ENV, raising=False)
+    assert {storage(mode, cpu) for mode in presets.SPEED_MODES} == {"default"}  # auto: no fp8 matmuls on a CPU
+    monkeypatch.setattr(pack.fp8_linear, "fp8_unsupported", lambda device, dtype: None)  # a GPU that has them
+    assert [storage(mode, cpu) for mode in presets.SPEED_MODES] == ["default"] + ["fp8"] * 3  # not Lightly
+    assert storage("off", cpu) == "default"
+    monkeypatch.setenv(pack.precision.ENV, "off")
+    assert storage(presets.SPEED_MODES[2], cpu) == "default"
+    monkeypatch.setenv(pack.precision.ENV, "on")
+    assert [storage(mode, cpu) for mode in presets.SPEED_MODES] == ["fp8"] * 4
