@@ -312,7 +312,7 @@ def write(out, args, image_size, table, skipped):
                      f"{r['weights_gib']:.1f} | {peak} | {r['note']} |")
     for name, why in skipped.items():
         lines.append(f"| {name} | skipped: {why} | | | | | | |")
-    lines += ["", f"Command: `python bench/gpu_end_to_end.py --size {args.size} --repeat {args.repeat}`", ""]
+    lines += ["", f"Command: `python bench/gpu_end_to_end.py {' '.join(sys.argv[1:])}`", ""]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {out}")
