@@ -18,32 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 from ..flux_core.speed import compile as comp
 from ..flux_core.speed import runtime
+from .switches import env_request
 
 LOG = logging.getLogger("flux_juiced.speed")
 ENV = "FLUX_JUICED_COMPILE"
-REQUESTS = ("auto", "on", "off")
 COMPILE_KEY = "torch.compile"            # the host helper's wrapper key (shared with its TorchCompileModel node)
 MARK = "flux_juiced_compiled_blocks"     # model_options entry: the keys this pack compiled
 _HELPER = "ComfyUI's torch.compile wrapper (comfy_api.torch_helpers.set_torch_compile_wrapper)"
-_warned: set[str] = set()
 
 
 def requested_compile() -> str | None:
-    """The compile request from FLUX_JUICED_COMPILE, or None to keep the mode's own (auto when unset)."""
-    value = os.environ.get(ENV, "").strip().lower()
-    if not value:
-        return None
-    if value not in REQUESTS:
-        if value not in _warned:
-            _warned.add(value)
-            LOG.warning("%s=%r is not one of %s: using the speed mode's own compile setting", ENV, value,
-                        ", ".join(REQUESTS))
-        return None
-    return value
+    """The compile request from FLUX_JUICED_COMPILE, or None to follow the speed mode."""
+    return env_request(ENV)
 
 
 def _host_device():

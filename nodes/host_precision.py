@@ -16,32 +16,22 @@ device (a tiny probe call; on this PyTorch it does on a CPU too); off never does
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from ..flux_core.speed import fp8_linear
 from . import quantized_ops
+from .switches import env_request
 
 LOG = logging.getLogger("flux_juiced.speed")
 ENV = "FLUX_JUICED_FP8_MATMUL"
-REQUESTS = ("auto", "on", "off")
 KEY = "flux_juiced_fp8_matmul"  # DIFFUSION_MODEL wrapper key
 LOAD_FP8 = "load with weight_dtype fp8 in FLUX.1 Transformer Loader (Juiced) to get fp8 matmuls"
-_warned: set[str] = set()
 
 
 def requested() -> str | None:
-    """The request from FLUX_JUICED_FP8_MATMUL, or None to follow the speed mode (auto when unset)."""
-    value = os.environ.get(ENV, "").strip().lower()
-    if not value:
-        return None
-    if value not in REQUESTS:
-        if value not in _warned:
-            _warned.add(value)
-            LOG.warning("%s=%r is not one of %s: following the speed mode", ENV, value, ", ".join(REQUESTS))
-        return None
-    return value
+    """The request from FLUX_JUICED_FP8_MATMUL, or None to follow the speed mode."""
+    return env_request(ENV)
 
 
 def fp8_block_layers(model) -> list:

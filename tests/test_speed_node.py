@@ -22,6 +22,8 @@ import pytest
 import torch
 
 from comfy_import import imported_pack, tiny_head_count
+from gguf_factory import one_torch_thread  # noqa: F401 (autouse: one thread for tiny tensors)
+from transformer_factory import rel_l2
 from flux_core.demo import TINY_FLUX, demo_model_files
 from flux_core.speed import StepCache, StepCacheConfig, plan_pattern, presets
 
@@ -41,21 +43,8 @@ def max_run(pattern: str) -> int:
     return max((len(r) for r in pattern.split("F")), default=0)
 
 
-def rel_l2(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 # ------------------------------------------------------------------------------------------------
 # fixtures: the pack as ComfyUI imports it, a native MODEL, conditioning
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is several times faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from comfy_import import imported_pack, tiny_head_count
+from gguf_factory import one_torch_thread  # noqa: F401 (autouse: one thread for tiny tensors)
+from transformer_factory import rel_l2
 from flux_core.demo import TINY_FLUX, demo_model_files
 from flux_core.speed import presets
 
@@ -30,18 +32,6 @@ STEPS, SEED = 10, 11
 BLOCK_LINEARS = {"double": 8, "single": 2}  # per block: q/k/v, projection, 2 MLP linears per stream; linear1/2
 MODULATIONS = {"double": 2, "single": 1}    # packed too, but one row per image: they keep the dequantize path
 E4M3_RMS = 2.0 ** -4 / 3 ** 0.5             # RMS relative rounding error of e4m3 (3 mantissa bits)
-
-
-def rel_l2(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -26,6 +26,11 @@ TINY = FluxParams(hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2, 
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
+def rel_l2(a, b) -> float:
+    """|a - b| / |b| over all elements, in float32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def tiny_params(**overrides) -> FluxParams:
     """The tiny dev config, with overrides (guidance_embed=False for schnell, in_channels=128, depth=3, ...)."""
     return dataclasses.replace(TINY, axes_dim=list(TINY.axes_dim), **overrides)
