@@ -23,6 +23,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..quant.gguf_blocks import GGML_TYPES, PLAIN_DTYPES, SUPPORTED_QUANTIZED, GGMLType, dequantize
+from .reader import TensorTable
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -96,7 +97,7 @@ class _Cursor:
         raise CheckpointError(self.path, "the GGUF header is corrupt", found=f"metadata value type {type_id}")
 
 
-class GGUFFile:
+class GGUFFile(TensorTable):
     """The tensors of one .gguf file, with the TensorFile interface plus packed reads."""
 
     def __init__(self, path):
@@ -188,15 +189,6 @@ class GGUFFile:
 
     # -- TensorFile interface ---------------------------------------------------------------------
 
-    def keys(self):
-        return self.tensors.keys()
-
-    def __contains__(self, key):
-        return key in self.tensors
-
-    def shape(self, key) -> torch.Size:
-        return self.tensors[key].shape
-
     def dtype(self, key) -> torch.dtype:
         """The stored dtype for plain tensors; uint8 (raw blocks) for quantized ones."""
         return PLAIN_DTYPES.get(self.tensors[key].kind.id, torch.uint8)
@@ -243,12 +235,6 @@ class GGUFFile:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def open_gguf(path) -> GGUFFile:

@@ -114,7 +114,29 @@ class _Shard:
             self.handle = None
 
 
-class TensorFile:
+class TensorTable:
+    """What the loaders use of an open checkpoint: `tensors` (name -> info with a `shape`), plus dtype(),
+    read() and close() from each format's class; a context manager that closes it."""
+
+    tensors: dict
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def __contains__(self, key):
+        return key in self.tensors
+
+    def shape(self, key) -> torch.Size:
+        return self.tensors[key].shape
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TensorFile(TensorTable):
     """The tensors of one checkpoint: a single safetensors file or a sharded set with an index."""
 
     def __init__(self, path, shards: list[_Shard]):
@@ -125,15 +147,6 @@ class TensorFile:
         for shard in shards:
             self.tensors.update(shard.tensors)
             self.metadata.update(shard.metadata)
-
-    def keys(self):
-        return self.tensors.keys()
-
-    def __contains__(self, key):
-        return key in self.tensors
-
-    def shape(self, key) -> torch.Size:
-        return self.tensors[key].shape
 
     def dtype(self, key) -> torch.dtype:
         return self.tensors[key].dtype
@@ -148,12 +161,6 @@ class TensorFile:
     def close(self):
         for shard in self.shards:
             shard.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _refuse_unsupported(path: Path, gguf: bool):
