@@ -6,28 +6,24 @@ import secrets
 from dataclasses import asdict, dataclass, field
 
 from .. import presets
+# The speed modes as the widget and the pruna app spell them; the engine's presets import without torch.
+from ..speed.presets import BLINK, EXTRA_JUICED, JUICED, LIGHTLY_JUICED, OFF, SPEED_MODES  # noqa: F401
+from ..speed.presets import resolve as _resolve_mode
 from .errors import InvalidRequest
 
-# The speed modes, byte-exact as the widget and the pruna app spell them (flux_core.speed.presets holds the
-# same list; this copy keeps the remote path free of torch, and a test keeps the two equal).
-LIGHTLY_JUICED = "Lightly Juiced 🍊 (more consistent)"
-JUICED = "Juiced 🔥 (default)"
-EXTRA_JUICED = "Extra Juiced 🔥 (more speed)"
-BLINK = "Blink of an eye 👁️"
-SPEED_MODES = [LIGHTLY_JUICED, JUICED, EXTRA_JUICED, BLINK]
-OFF = "off"  # the CLI's "exact reference": no provider-side acceleration
-_ALIASES = {"lightly": LIGHTLY_JUICED, "lightly-juiced": LIGHTLY_JUICED, "juiced": JUICED, "extra": EXTRA_JUICED,
-            "extra-juiced": EXTRA_JUICED, "blink": BLINK, "blink-of-an-eye": BLINK, OFF: OFF}
 RANDOM_SEED_BITS = 32  # seeds every provider takes
 
 
 def speed_mode_name(value: str) -> str:
-    if value in SPEED_MODES:
-        return value
-    key = value.strip().lower() if isinstance(value, str) else None
-    if key in _ALIASES:
-        return _ALIASES[key]
-    raise InvalidRequest(f"speed_mode must be one of {', '.join(SPEED_MODES)} or {OFF!r}; got {value!r}")
+    """The widget name of a speed mode given by name or alias, or OFF (the CLI's exact reference: no
+    provider-side acceleration)."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"speed_mode must be one of {', '.join(SPEED_MODES)} or {OFF!r}; got {value!r}")
+    try:
+        mode = _resolve_mode(value)
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from None
+    return OFF if mode is None else mode.name
 
 
 @dataclass
