@@ -97,6 +97,26 @@ def tiny_head_count(comfy):
         detection.detect_unet_config = original
 
 
+def native_demo_model(comfy):
+    """A native MODEL: comfy.sd.load_diffusion_model (UNETLoader's own call) on the tiny demo transformer
+    (flux_core.demo, BFL layout), float32, under tiny_head_count."""
+    from flux_core.demo import demo_model_files
+
+    with tiny_head_count(comfy):
+        return comfy.sd.load_diffusion_model(str(demo_model_files()["transformer"]),
+                                             model_options={"dtype": torch.float32})
+
+
+def demo_conditioning():
+    """Host CONDITIONING for the tiny demo transformer: random T5 tokens and pooled CLIP, guidance 3.5."""
+    from flux_core.demo import TINY_FLUX
+
+    gen = torch.Generator().manual_seed(5)
+    context = torch.randn(1, 8, TINY_FLUX.context_in_dim, generator=gen)
+    pooled = torch.randn(1, TINY_FLUX.vec_in_dim, generator=gen)
+    return [[context, {"pooled_output": pooled, "guidance": 3.5}]]
+
+
 def host_load_diffusion_model(comfy, path, model_options=None):
     """The host's own loader on a file: comfy.utils.load_torch_file + comfy.sd.load_diffusion_model_state_dict,
     under tiny_head_count. Everything else (prefix stripping, scaled_fp8 / _quantization_metadata detection,

@@ -21,10 +21,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from comfy_import import imported_pack, tiny_head_count
+from comfy_import import demo_conditioning, imported_pack, native_demo_model
 from gguf_factory import one_torch_thread  # noqa: F401 (autouse: one thread for tiny tensors)
 from transformer_factory import rel_l2
-from flux_core.demo import TINY_FLUX, demo_model_files
+from flux_core.demo import demo_model_files
 from flux_core.speed import StepCache, StepCacheConfig, plan_pattern, presets
 
 pytestmark = pytest.mark.host
@@ -60,19 +60,14 @@ def pack(comfy):
 @pytest.fixture(scope="module")
 def model(comfy):
     """A native MODEL: comfy.sd.load_diffusion_model (UNETLoader's own call) on the demo transformer file."""
-    with tiny_head_count(comfy):
-        patcher = comfy.sd.load_diffusion_model(str(demo_model_files()["transformer"]),
-                                                model_options={"dtype": torch.float32})
+    patcher = native_demo_model(comfy)
     assert type(patcher.model.diffusion_model) is comfy.ldm.flux.model.Flux
     return patcher
 
 
 @pytest.fixture(scope="module")
 def cond():
-    gen = torch.Generator().manual_seed(5)
-    context = torch.randn(1, 8, TINY_FLUX.context_in_dim, generator=gen)
-    pooled = torch.randn(1, TINY_FLUX.vec_in_dim, generator=gen)
-    return [[context, {"pooled_output": pooled, "guidance": 3.5}]]
+    return demo_conditioning()
 
 
 def sample_ours(pack, model, cond, steps, seed=SEED):
