@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..quant.gguf_blocks import GGML_TYPES, PLAIN_DTYPES, SUPPORTED_QUANTIZED, GGMLType, dequantize
-from .reader import TensorTable
+from .reader import ByteRangeFile, TensorTable
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -102,8 +101,7 @@ class GGUFFile(TensorTable):
 
     def __init__(self, path):
         self.path = Path(path)
-        self.lock = threading.Lock()
-        self.handle = None
+        self.file = ByteRangeFile(self.path)
         self.metadata: dict = {}
         self.tensors: dict[str, GGUFTensorInfo] = {}
         self.version = 0
@@ -216,25 +214,10 @@ class GGUFFile(TensorTable):
         return sum(info.nbytes for info in self.tensors.values())
 
     def _read_bytes(self, info: GGUFTensorInfo) -> torch.Tensor:
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        with self.lock:
-            if self.handle is None:
-                self.handle = open(self.path, "rb")
-            self.handle.seek(info.begin)
-            done = 0
-            while done < info.nbytes:
-                n = self.handle.readinto(view[done:])
-                if not n:
-                    raise CheckpointError(self.path, "the file ended while reading",
-                                          found=f"tensor '{info.name}' cut short", hint="download the file again")
-                done += n
-        return buf
+        return self.file.read(info.begin, info.nbytes, info.name)
 
     def close(self):
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+        self.file.close()
 
 
 def open_gguf(path) -> GGUFFile:

@@ -35,13 +35,45 @@ class TensorInfo:
         self.begin, self.end, self.shard = begin, end, shard
 
 
-class _Shard:
-    """One safetensors file: its validated header and an open handle for reads."""
+class ByteRangeFile:
+    """A file read by byte ranges into fresh tensors: opened on the first read, one reader at a time."""
 
     def __init__(self, path: Path):
         self.path = path
         self.lock = threading.Lock()
         self.handle = None
+
+    def read(self, begin: int, nbytes: int, name: str) -> torch.Tensor:
+        """nbytes from offset begin as a uint8 tensor; CheckpointError naming tensor `name` if the file ends."""
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if not nbytes:
+            return buf
+        view = memoryview(buf.numpy())
+        with self.lock:
+            if self.handle is None:
+                self.handle = open(self.path, "rb")
+            self.handle.seek(begin)
+            done = 0
+            while done < nbytes:
+                n = self.handle.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(self.path, "the file ended while reading",
+                                          found=f"tensor '{name}' cut short", hint="download the file again")
+                done += n
+        return buf
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+class _Shard:
+    """One safetensors file: its validated header and the file for reads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = ByteRangeFile(path)
         self.metadata: dict = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._parse()
@@ -91,27 +123,11 @@ class _Shard:
             self.tensors[key] = TensorInfo(key, dtype, shape, data_start + begin, data_start + end, self)
 
     def read(self, info: TensorInfo) -> torch.Tensor:
-        nbytes = info.end - info.begin
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            view = memoryview(buf.numpy())
-            with self.lock:
-                if self.handle is None:
-                    self.handle = open(self.path, "rb")
-                self.handle.seek(info.begin)
-                done = 0
-                while done < nbytes:
-                    n = self.handle.readinto(view[done:])
-                    if not n:
-                        raise CheckpointError(self.path, "the file ended while reading",
-                                              found=f"tensor '{info.key}' cut short", hint="download the file again")
-                    done += n
+        buf = self.file.read(info.begin, info.end - info.begin, info.key)
         return buf.view(info.dtype).reshape(info.shape)
 
     def close(self):
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+        self.file.close()
 
 
 class TensorTable:
