@@ -65,6 +65,7 @@ def load_model(path: str, weight_dtype: str = "default"):
         import torch
         from ..flux_core.loaders import part_plan
 
+        from . import packed_lora
         from .quantized_ops import packed_state
 
         storage = weight_dtype if weight_dtype in PACKED_STORAGES else "auto"
@@ -90,7 +91,10 @@ def load_model(path: str, weight_dtype: str = "default"):
         else:
             model = model.to(offload_device)
             model.load_model_weights(state, "")
-        return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+        if packed:
+            packed_lora.enable(patcher)  # LoRAs and other weight patches on the packed layers
+        return patcher
 
     return _cached("transformer", _file_key(path) + (weight_dtype,), build)
 

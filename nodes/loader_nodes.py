@@ -32,7 +32,7 @@ class FluxJuicedTransformerLoader:
                            "int8 / fp8 store the block weights 8-bit with a per-row scale (about half of bf16) "
                            "and dequantize them layer by layer (with fp8, FLUX.1 Speed Mode runs them as fp8 "
                            "matmuls on GPUs that have them). GGUF files always stay quantized as stored. "
-                           "LoRAs do not apply to quantized layers yet."}),
+                           "LoRAs apply to quantized layers too, as each layer is dequantized."}),
         }}
 
     @classmethod

@@ -12,10 +12,11 @@ call of a MODEL it enabled them on, host_precision.py), the packed fp8 block lin
 MLPs: the per-token layers the engine's fp8 matmuls cover, named by BLOCK_LINEAR) compute
 ``scaled_mm(quantize_activations(x), e4m3 weight, row scales)`` from their stored bytes instead of
 dequantizing. Any other call or layer (the modulation linears see one row per image), a non-bf16 input,
-another device or host weight patches keep the dequantize path.
+another device or weight patches keep the dequantize path.
 
-Not covered yet: LoRA patches on packed layers. The host maps LoRA keys to `<layer>.weight`, which packed
-layers do not have, so it logs those keys as not loaded and the LoRA leaves them unchanged.
+LoRA and other host weight patches reach packed layers through packed_lora.py: a packed layer lists an
+empty `weight` in its state dict (so the host maps LoRA keys to it) and applies its patches to the weight it
+dequantizes.
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ def quantized_operations() -> type:
                 self.register_buffer("qweight", None)
                 self.register_buffer("scale", None)
                 self.fp8_matmul_block = False  # packed fp8 at a block linear's place (set as it loads)
+                self.packed_weight_patch = None  # the host's patches for the packed weight (packed_lora.py)
 
             def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs):
@@ -117,6 +119,13 @@ def quantized_operations() -> type:
                     self._take(state_dict, prefix + "weight", "weight", missing_keys)
                 if self.bias is not None:
                     self._take(state_dict, prefix + "bias", "bias", missing_keys)
+
+            def _save_to_state_dict(self, destination, prefix, keep_vars):
+                super()._save_to_state_dict(destination, prefix, keep_vars)
+                if self.qweight is not None:
+                    # Empty, so the host's memory accounting still sees only the packed bytes; its presence
+                    # lets the host's LoRA key mapping and add_patches target this layer.
+                    destination[prefix + "weight"] = torch.empty(0, dtype=self.compute_dtype or torch.bfloat16)
 
             def _take(self, state_dict, key, leaf, missing_keys):
                 tensor = state_dict.get(key)
@@ -138,6 +147,9 @@ def quantized_operations() -> type:
                 scale = self.scale.to(device) if self.scale is not None else None
                 weight = dequantize_weight(self.storage, self.qweight.to(device), scale, self.type_id,
                                            (self.out_features, self.in_features), input.dtype)
+                lora = self.packed_weight_patch
+                if lora is not None and not lora.applied_by_host(self.weight_function):
+                    weight = lora(weight)
                 for patch in self.weight_function:  # the host's per-call weight patches (low-VRAM LoRA)
                     weight = patch(weight)
                 bias = None
@@ -151,7 +163,8 @@ def quantized_operations() -> type:
                 device = _FP8_MATMULS.get()
                 return (device is not None and self.fp8_matmul_block and input.dtype == torch.bfloat16
                         and _same_device(input.device, device)
-                        and not self.weight_function and not self.bias_function)  # patches need the dense weight
+                        and self.packed_weight_patch is None  # patches need the dense weight
+                        and not self.weight_function and not self.bias_function)
 
             def _fp8_matmul(self, input):
                 """y = (x8 @ w8^T) * s_x * s_w + b in bf16: per-token e4m3 activations against the stored e4m3

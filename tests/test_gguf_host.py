@@ -5,6 +5,7 @@ model and a dense host model of the dequantized weights compute.
 """
 from __future__ import annotations
 
+import importlib
 
 import pytest
 import torch
@@ -58,6 +59,10 @@ def apply_model(patcher) -> torch.Tensor:
     import comfy.model_management
 
     comfy.model_management.load_models_gpu([patcher])  # the host's own loading of the MODEL
+    return forward_model(patcher)
+
+
+def forward_model(patcher) -> torch.Tensor:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(1, 16, 8, 12, generator=gen)
     context = torch.randn(1, 7, tf.TINY.context_in_dim, generator=gen)
@@ -111,3 +116,146 @@ def test_8bit_weight_dtype_stores_the_host_model_packed(pack, models_dir, storag
     want = comfy_forward(dense.model.diffusion_model, inputs())
     error = ((got - want).norm() / want.norm()).item()
     assert 1e-4 < error < (0.02 if storage == "int8" else 0.06), error
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRAs on packed layers, through the host's own LoRA loader node
+
+H = tf.TINY.hidden_size
+# kohya/ComfyUI format (lora_unet_<layer>.lora_up/lora_down/alpha): packed block layers and one dense layer
+KOHYA_LAYERS = ["double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", "single_blocks.0.linear2", "img_in"]
+# diffusers format (transformer.<module>.lora_A/lora_B): module -> (BFL layer, first row, rows); the first two
+# land inside fused layers, at the host's offsets
+DIFFUSERS_MODULES = {
+    "transformer.transformer_blocks.0.attn.to_k": ("double_blocks.0.img_attn.qkv", H, H),
+    "transformer.single_transformer_blocks.1.proj_mlp": ("single_blocks.1.linear1", 3 * H, 4 * H),
+    "transformer.transformer_blocks.1.ff.net.2": ("double_blocks.1.img_mlp.2", 0, H),
+}
+RANK = 4
+KOHYA_STRENGTH, DIFFUSERS_STRENGTH = 0.8, 1.0
+
+
+def low_rank(rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) whose product is about half the size of a layer's weights (std 1/sqrt(cols))."""
+    up = torch.randn(rows, RANK, generator=gen)
+    down = torch.randn(RANK, cols, generator=gen) * (0.5 / (cols * RANK) ** 0.5)
+    return up, down
+
+
+@pytest.fixture(scope="module")
+def loras(models_dir, comfy):
+    """Two LoRA files in a loras folder registered with the host, and the weight change each makes at
+    strength 1: {BFL layer: [(first row, delta)]}."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    shapes = {k: v.shape for k, v in tf.random_bfl_state_dict(tf.TINY).items()}
+    folder = models_dir.parent / "loras"
+    folder.mkdir(exist_ok=True)
+    gen = torch.Generator().manual_seed(11)
+    kohya, kohya_deltas = {}, {}
+    for layer in KOHYA_LAYERS:
+        rows, cols = shapes[layer + ".weight"]
+        up, down = low_rank(rows, cols, gen)
+        name = "lora_unet_" + layer.replace(".", "_")
+        kohya.update({name + ".lora_up.weight": up, name + ".lora_down.weight": down,
+                      name + ".alpha": torch.tensor(RANK / 2.0)})
+        kohya_deltas.setdefault(layer, []).append((0, up @ down * 0.5))
+    diffusers, diffusers_deltas = {}, {}
+    for module, (layer, first, rows) in DIFFUSERS_MODULES.items():
+        up, down = low_rank(rows, shapes[layer + ".weight"][1], gen)
+        diffusers.update({module + ".lora_B.weight": up, module + ".lora_A.weight": down})
+        diffusers_deltas.setdefault(layer, []).append((first, up @ down))
+    save_file(kohya, str(folder / "tiny-kohya.safetensors"))
+    save_file(diffusers, str(folder / "tiny-diffusers.safetensors"))
+    folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
+    return {"tiny-kohya.safetensors": kohya_deltas, "tiny-diffusers.safetensors": diffusers_deltas}
+
+
+def with_loras(patcher):
+    """`patcher` through the host's LoraLoaderModelOnly node twice (a kohya and a diffusers LoRA)."""
+    import nodes
+
+    loader = nodes.LoraLoaderModelOnly()
+    patcher = loader.load_lora_model_only(patcher, "tiny-kohya.safetensors", KOHYA_STRENGTH)[0]
+    return loader.load_lora_model_only(patcher, "tiny-diffusers.safetensors", DIFFUSERS_STRENGTH)[0]
+
+
+def merged_reference(pack, models_dir, patcher, loras, name: str):
+    """A dense float32 host MODEL of `patcher`'s weights as it computes them (packed layers dequantized)
+    with both LoRAs merged into them by hand."""
+    import comfy.model_management
+    from flux_core.quant.linear import dequantize_weight
+
+    comfy.model_management.load_models_gpu([patcher])  # undoes the LoRAs the host merged into dense layers
+    host = patcher.model.diffusion_model
+    packed = packed_layers(host)
+    dense = {k: v.to(torch.float32, copy=True) for k, v in host.state_dict().items()
+             if k.rpartition(".")[0] not in packed or k.endswith(".bias")}
+    for layer, m in packed.items():
+        dense[layer + ".weight"] = dequantize_weight(m.storage, m.qweight, m.scale, m.type_id,
+                                                     (m.out_features, m.in_features), torch.float32)
+    for file, strength in (("tiny-kohya.safetensors", KOHYA_STRENGTH), ("tiny-diffusers.safetensors",
+                                                                         DIFFUSERS_STRENGTH)):
+        for layer, changes in loras[file].items():
+            for first, delta in changes:
+                dense[layer + ".weight"][first:first + delta.shape[0]] += strength * delta
+    tf.write_bfl(dense, models_dir / name)
+    return pack().load(name, "fp32")[0]
+
+
+def lora_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage().lower()]
+
+
+def test_host_lora_loader_patches_gguf_layers(pack, models_dir, loras, caplog):
+    import comfy.model_management as mm
+
+    patcher = pack().load("flux1-dev-tiny-mixed.gguf", "default")[0]
+    plain = apply_model(patcher)
+    with caplog.at_level("WARNING"):
+        patched = with_loras(patcher)
+    assert not lora_warnings(caplog), lora_warnings(caplog)
+    got = apply_model(patched)
+
+    want = apply_model(merged_reference(pack, models_dir, patcher, loras, "tiny-gguf-merged.safetensors"))
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() < 1e-4 * scale
+    assert (got - plain).abs().max().item() > 0.05 * scale, "the LoRAs changed nothing"
+    # The packed bytes were never touched: the MODEL without LoRAs computes what it did before.
+    assert torch.equal(apply_model(patcher), plain)
+    assert (apply_model(patched) - want).abs().max().item() < 1e-4 * scale
+
+    # The host's low-VRAM mode streams every layer and hangs its own per-call patch on each: the LoRA still
+    # applies exactly once.
+    mm.unload_all_models()
+    patched.patch_model(device_to=mm.get_torch_device(), lowvram_model_memory=1)
+    try:
+        host_patched = [m for m in packed_layers(patched.model.diffusion_model).values() if m.weight_function]
+        assert len(host_patched) == 5, "the host's low-VRAM path was not taken"
+        with torch.no_grad():
+            low_vram = forward_model(patched)
+    finally:
+        patched.unpatch_model(device_to=patched.offload_device)
+    assert (low_vram - want).abs().max().item() < 1e-4 * scale
+
+
+@pytest.mark.parametrize("storage", ["int8", "fp8"])
+def test_host_lora_loader_patches_8bit_layers(pack, models_dir, loras, storage, caplog):
+    fp8_matmul_enabled = importlib.import_module(PACK_MODULE + ".nodes.quantized_ops").fp8_matmul_enabled
+
+    patcher = pack().load("flux1-dev-tiny-bf16.safetensors", storage)[0]
+    with caplog.at_level("WARNING"):
+        patched = with_loras(patcher)
+    assert not lora_warnings(caplog), lora_warnings(caplog)
+    got = apply_model(patched)
+
+    # fp8 matmuls skip the layers a LoRA patches (they need the dense weight) and keep the others.
+    layers = packed_layers(patched.model.diffusion_model)
+    x = torch.randn(3, H, dtype=torch.bfloat16)
+    with fp8_matmul_enabled(torch.device("cpu")):
+        assert not layers["double_blocks.0.img_attn.qkv"]._fp8_matmul_allowed(x)
+        assert layers["double_blocks.0.txt_attn.qkv"]._fp8_matmul_allowed(x) == (storage == "fp8")
+
+    want = apply_model(merged_reference(pack, models_dir, patcher, loras, f"tiny-{storage}-merged.safetensors"))
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
