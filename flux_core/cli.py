@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-format", choices=presets.OUTPUT_FORMATS, default=None,
                    help="overrides the format implied by --out")
     g.add_argument("--output-quality", type=int, default=presets.DEFAULT_OUTPUT_QUALITY, help="1-100, jpg/webp")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a LoRA for the transformer (.safetensors; kohya, diffusers/PEFT, OneTrainer or "
+                        "reference key names), strength default 1.0; repeat for several")
     add_model_arguments(g)
     add_memory_arguments(g)
     g.add_argument("--provider", default=None, metavar="NAME",
@@ -115,6 +118,7 @@ def cmd_generate(args) -> int:
 
     from .errors import FluxError
     from .image_files import save_image
+    from .lora import parse_lora_spec
     from .pipeline import generate, load_models
     from .progress import ProgressBar
     from .speed import presets as speed_presets
@@ -143,6 +147,7 @@ def cmd_generate(args) -> int:
         result = generate(args.prompt, models, aspect_ratio=args.aspect_ratio, image_size=args.image_size,
                           num_inference_steps=args.steps, guidance=args.guidance, seed=args.seed,
                           num_images=args.num_images, speed_mode=args.speed_mode,
+                          loras=[parse_lora_spec(spec) for spec in args.lora],
                           callback=(lambda info: bar.update(info.step)) if bar else None)
     except (FluxError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

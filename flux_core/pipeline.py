@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import presets, sampling
+from .lora import applied_loras, use_loras
 from .speed import presets as speed_presets
 from .speed.caching import StepCache
 
@@ -127,7 +128,7 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
              guidance: float = presets.DEFAULT_GUIDANCE, seed: int = -1, num_images: int = 1,
              width: int | None = None, height: int | None = None, initial_noise: Tensor | None = None,
              callback: Callable[[sampling.StepInfo], None] | None = None, decode: bool = True,
-             speed_mode: str | None = None) -> GenerationResult:
+             speed_mode: str | None = None, loras: Sequence[tuple[str, float]] | None = None) -> GenerationResult:
     """Generate num_images images per prompt.
 
     Image i of a prompt uses seed + i, so any image can be remade alone. width/height, when given,
@@ -136,7 +137,8 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
     speed.SPEED_MODES or a short alias) turns on step caching and the mode's compile / precision /
     attention choices (speed.runtime; what was chosen and why is in settings["acceleration"]); None or
     "off" samples exactly as the reference. result.evaluations counts the full transformer evaluations per
-    image either way.
+    image either way. loras: (file, strength) pairs to put on the transformer for this and later calls
+    ([] takes them off; None leaves the model as it is); what is on is recorded in settings["loras"].
     """
     models = models or FluxModels(transformer, autoencoder, text_encoders)
     if models.transformer is None or models.text_encoders is None or (decode and models.autoencoder is None):
@@ -182,6 +184,8 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
     timesteps = sampling.get_schedule(num_inference_steps, inputs["img"].shape[1], shift=True)
 
     acceleration = _accelerate(model, speed_mode, memory)
+    if loras is not None:
+        use_loras(model, loras)
     start = time.perf_counter()
     if cache_config is None:
         runner = _CountingModel(model)
@@ -213,6 +217,9 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
         settings["step_cache"] = runner.summary()
     if acceleration is not None:
         settings["acceleration"] = acceleration.summary()
+    applied = applied_loras(model)
+    if applied:
+        settings["loras"] = applied
     if memory:
         settings["memory"] = memory.summary()
     return GenerationResult(images=images, seeds=seeds, prompts=all_prompts, width=width, height=height,

@@ -122,12 +122,17 @@ def host_load_diffusion_model(comfy, path, model_options=None):
     under tiny_head_count. Everything else (prefix stripping, scaled_fp8 / _quantization_metadata detection,
     ops choice) is the host's. Returns the host's diffusion model (comfy.ldm.flux.model.Flux).
     """
+    return host_load_patcher(comfy, path, model_options).model.diffusion_model
+
+
+def host_load_patcher(comfy, path, model_options=None):
+    """As host_load_diffusion_model, but the host's MODEL (its ModelPatcher)."""
     with tiny_head_count(comfy):
         sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
         patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options or {}, metadata=metadata)
     if patcher is None:
         raise AssertionError(f"ComfyUI did not recognise {path} as a diffusion model")
-    return patcher.model.diffusion_model
+    return patcher
 
 
 @contextlib.contextmanager

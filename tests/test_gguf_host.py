@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gguf_factory as gf
+import lora_factory as lf
 import transformer_factory as tf
 from comfy_import import comfy_forward, imported_pack
 from flux_core.loaders import load_transformer
@@ -121,55 +122,17 @@ def test_8bit_weight_dtype_stores_the_host_model_packed(pack, models_dir, storag
 # ------------------------------------------------------------------------------------------------
 # LoRAs on packed layers, through the host's own LoRA loader node
 
-H = tf.TINY.hidden_size
-# kohya/ComfyUI format (lora_unet_<layer>.lora_up/lora_down/alpha): packed block layers and one dense layer
-KOHYA_LAYERS = ["double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", "single_blocks.0.linear2", "img_in"]
-# diffusers format (transformer.<module>.lora_A/lora_B): module -> (BFL layer, first row, rows); the first two
-# land inside fused layers, at the host's offsets
-DIFFUSERS_MODULES = {
-    "transformer.transformer_blocks.0.attn.to_k": ("double_blocks.0.img_attn.qkv", H, H),
-    "transformer.single_transformer_blocks.1.proj_mlp": ("single_blocks.1.linear1", 3 * H, 4 * H),
-    "transformer.transformer_blocks.1.ff.net.2": ("double_blocks.1.img_mlp.2", 0, H),
-}
-RANK = 4
-KOHYA_STRENGTH, DIFFUSERS_STRENGTH = 0.8, 1.0
-
-
-def low_rank(rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) whose product is about half the size of a layer's weights (std 1/sqrt(cols))."""
-    up = torch.randn(rows, RANK, generator=gen)
-    down = torch.randn(RANK, cols, generator=gen) * (0.5 / (cols * RANK) ** 0.5)
-    return up, down
-
 
 @pytest.fixture(scope="module")
 def loras(models_dir, comfy):
-    """Two LoRA files in a loras folder registered with the host, and the weight change each makes at
-    strength 1: {BFL layer: [(first row, delta)]}."""
+    """The two standard LoRA files (lora_factory) in a loras folder registered with the host."""
     import folder_paths
-    from safetensors.torch import save_file
 
-    shapes = {k: v.shape for k, v in tf.random_bfl_state_dict(tf.TINY).items()}
     folder = models_dir.parent / "loras"
     folder.mkdir(exist_ok=True)
-    gen = torch.Generator().manual_seed(11)
-    kohya, kohya_deltas = {}, {}
-    for layer in KOHYA_LAYERS:
-        rows, cols = shapes[layer + ".weight"]
-        up, down = low_rank(rows, cols, gen)
-        name = "lora_unet_" + layer.replace(".", "_")
-        kohya.update({name + ".lora_up.weight": up, name + ".lora_down.weight": down,
-                      name + ".alpha": torch.tensor(RANK / 2.0)})
-        kohya_deltas.setdefault(layer, []).append((0, up @ down * 0.5))
-    diffusers, diffusers_deltas = {}, {}
-    for module, (layer, first, rows) in DIFFUSERS_MODULES.items():
-        up, down = low_rank(rows, shapes[layer + ".weight"][1], gen)
-        diffusers.update({module + ".lora_B.weight": up, module + ".lora_A.weight": down})
-        diffusers_deltas.setdefault(layer, []).append((first, up @ down))
-    save_file(kohya, str(folder / "tiny-kohya.safetensors"))
-    save_file(diffusers, str(folder / "tiny-diffusers.safetensors"))
+    changes = lf.write_standard_loras(folder)
     folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
-    return {"tiny-kohya.safetensors": kohya_deltas, "tiny-diffusers.safetensors": diffusers_deltas}
+    return changes
 
 
 def with_loras(patcher):
@@ -177,30 +140,26 @@ def with_loras(patcher):
     import nodes
 
     loader = nodes.LoraLoaderModelOnly()
-    patcher = loader.load_lora_model_only(patcher, "tiny-kohya.safetensors", KOHYA_STRENGTH)[0]
-    return loader.load_lora_model_only(patcher, "tiny-diffusers.safetensors", DIFFUSERS_STRENGTH)[0]
+    for name, strength in lf.STRENGTHS.items():
+        patcher = loader.load_lora_model_only(patcher, name, strength)[0]
+    return patcher
 
 
 def merged_reference(pack, models_dir, patcher, loras, name: str):
     """A dense float32 host MODEL of `patcher`'s weights as it computes them (packed layers dequantized)
-    with both LoRAs merged into them by hand."""
+    with both LoRAs merged into them by hand (lora_factory.merge copies them to float32 first)."""
     import comfy.model_management
     from flux_core.quant.linear import dequantize_weight
 
     comfy.model_management.load_models_gpu([patcher])  # undoes the LoRAs the host merged into dense layers
     host = patcher.model.diffusion_model
     packed = packed_layers(host)
-    dense = {k: v.to(torch.float32, copy=True) for k, v in host.state_dict().items()
+    dense = {k: v for k, v in host.state_dict().items()
              if k.rpartition(".")[0] not in packed or k.endswith(".bias")}
     for layer, m in packed.items():
         dense[layer + ".weight"] = dequantize_weight(m.storage, m.qweight, m.scale, m.type_id,
                                                      (m.out_features, m.in_features), torch.float32)
-    for file, strength in (("tiny-kohya.safetensors", KOHYA_STRENGTH), ("tiny-diffusers.safetensors",
-                                                                         DIFFUSERS_STRENGTH)):
-        for layer, changes in loras[file].items():
-            for first, delta in changes:
-                dense[layer + ".weight"][first:first + delta.shape[0]] += strength * delta
-    tf.write_bfl(dense, models_dir / name)
+    tf.write_bfl(lf.merge(dense, loras), models_dir / name)
     return pack().load(name, "fp32")[0]
 
 
@@ -252,7 +211,7 @@ def test_host_lora_loader_patches_8bit_layers(pack, models_dir, loras, storage, 
 
     # fp8 matmuls skip the layers a LoRA patches (they need the dense weight) and keep the others.
     layers = packed_layers(patched.model.diffusion_model)
-    x = torch.randn(3, H, dtype=torch.bfloat16)
+    x = torch.randn(3, lf.H, dtype=torch.bfloat16)
     with fp8_matmul_enabled(torch.device("cpu")):
         assert not layers["double_blocks.0.img_attn.qkv"]._fp8_matmul_allowed(x)
         assert layers["double_blocks.0.txt_attn.qkv"]._fp8_matmul_allowed(x) == (storage == "fp8")

@@ -102,6 +102,29 @@ def _diffusers_sources(tf: TensorFile, prefix: str) -> dict[str, Source]:
     return out
 
 
+def diffusers_linear_targets(params: FluxParams) -> dict[str, tuple[str, tuple[int, int] | None, bool]]:
+    """diffusers Linear name -> (reference Linear name, output rows it fills or None for all, whether its
+    two halves are swapped), from the same tables that convert diffusers checkpoints: for adapters (LoRA)
+    written against diffusers module names."""
+    hidden, mlp = params.hidden_size, params.mlp_hidden_dim
+    q, k, v = (0, hidden), (hidden, 2 * hidden), (2 * hidden, 3 * hidden)
+    out = {a: (b, None, False) for a, b in _DIFFUSERS_GLOBAL.items()}
+    out["norm_out.linear"] = ("final_layer.adaLN_modulation.1", None, True)
+    for i in range(params.depth):
+        old, new = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        out.update({old + a: (new + b, None, False) for a, b in _DIFFUSERS_DOUBLE.items()})
+        for names, target in ((("to_q", "to_k", "to_v"), "img_attn.qkv"),
+                              (("add_q_proj", "add_k_proj", "add_v_proj"), "txt_attn.qkv")):
+            out.update({f"{old}attn.{n}": (new + target, rows, False) for n, rows in zip(names, (q, k, v))})
+    for i in range(params.depth_single_blocks):
+        old, new = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        out.update({old + a: (new + b, None, False) for a, b in _DIFFUSERS_SINGLE.items()})
+        out.update({f"{old}attn.{n}": (new + "linear1", rows, False) for n, rows in zip(("to_q", "to_k", "to_v"),
+                                                                                        (q, k, v))})
+        out[old + "proj_mlp"] = (new + "linear1", (3 * hidden, 3 * hidden + mlp), False)
+    return out
+
+
 def _block_indices(names, stem: str) -> list[int]:
     pattern = re.compile(rf"^{re.escape(stem)}\.(\d+)\.")
     return sorted({int(m.group(1)) for n in names if (m := pattern.match(n))})

@@ -38,6 +38,9 @@ def cmd_generate_remote(args) -> int:
     if args.demo:
         print("error: --demo runs the local engine on random weights; it does not go with --provider", file=sys.stderr)
         return 2
+    if getattr(args, "lora", None):
+        print("error: --lora runs on the local engine; it does not go with --provider", file=sys.stderr)
+        return 2
     ignored = [flag for attr, (flag, default) in LOCAL_ONLY.items() if getattr(args, attr, default) != default]
     if ignored:
         print(f"note: {', '.join(ignored)} ignored: the job runs at {args.provider}", file=sys.stderr)

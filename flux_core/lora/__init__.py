@@ -1,0 +1,59 @@
+"""LoRAs for the engine's FLUX transformer: read from the common file layouts (files.py) and applied per
+call without touching the weights (adapters.py), on dense, fp8 and packed (GGUF/int8/fp8) models alike.
+
+    from flux_core import lora
+    lora.use_loras(models.transformer, [("style.safetensors", 0.8)])
+    generate(..., loras=[("style.safetensors", 0.8)])    # the same, per call, recorded in the settings
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+from .adapters import applied_loras, applied_tag, apply_loras, remove_loras
+from .files import Lora, LoraError, LoraLayer, read_lora
+
+__all__ = ["Lora", "LoraError", "LoraLayer", "applied_loras", "apply_loras", "parse_lora_spec", "read_lora",
+           "remove_loras", "use_loras"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """"PATH" or "PATH:STRENGTH" (strength default 1.0) -> (path, strength). A colon followed by anything
+    but a number belongs to the path (C:\\loras\\x.safetensors)."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def use_loras(model, loras: Sequence[tuple[str | os.PathLike, float]] | None) -> list[dict]:
+    """Make `loras` ((file, strength) pairs, in order) the LoRAs on `model`, reading files only when the set
+    changes; [] or None removes them. Warns about layers a file holds that the transformer does not take."""
+    request = tuple((os.path.abspath(os.fspath(p)), float(s), _stamp(p)) for p, s in loras or ())
+    if request == applied_tag(model):
+        return applied_loras(model)
+    read = []
+    for path, strength, _ in request:
+        lora = read_lora(path, model)
+        if lora.text_encoder_keys:
+            log.warning("%s: %d text-encoder tensors left out (the engine applies LoRAs to the transformer)",
+                        lora.name, len(lora.text_encoder_keys))
+        if lora.unknown_keys:
+            log.warning("%s: %d tensors match no layer of this transformer and are left out, e.g. %s",
+                        lora.name, len(lora.unknown_keys), ", ".join(lora.unknown_keys[:3]))
+        read.append((lora, strength))
+    return apply_loras(model, read, tag=request)
+
+
+def _stamp(path) -> tuple[float, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None  # read_lora reports the missing file
+    return stat.st_mtime, stat.st_size
