@@ -35,6 +35,7 @@ class ComfyServer(HeadlessComfy):
 
     def place_model(self, source: Path, folder: str, name: str) -> Path:
         target = self.models_dir(folder) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             shutil.copyfile(source, target)
         return target

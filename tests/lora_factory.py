@@ -66,3 +66,23 @@ def merge(weights: dict[str, torch.Tensor], changes: dict[str, dict[str, list]],
             for first, delta in parts:
                 merged[layer + ".weight"][first:first + delta.shape[0]] += strength * delta
     return merged
+
+
+def write_demo_lora(path, layers=("double_blocks.0.img_attn.qkv", "single_blocks.0.linear2"), seed: int = 9,
+                    boost: float = 4.0) -> Path:
+    """A kohya-format LoRA for the demo transformer (flux_core.demo) on `layers`, `boost` times the usual
+    size so a few steps of the tiny model show it."""
+    from safetensors import safe_open
+
+    from flux_core.demo import demo_model_files
+
+    with safe_open(str(demo_model_files()["transformer"]), "pt") as f:
+        shapes = {layer: f.get_slice(layer + ".weight").get_shape() for layer in layers}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer, (rows, cols) in shapes.items():
+        up, down = low_rank(rows, cols, gen)
+        stem = "lora_unet_" + layer.replace(".", "_")
+        tensors.update({stem + ".lora_up.weight": up * boost, stem + ".lora_down.weight": down})
+    save_file(tensors, str(path))
+    return Path(path)

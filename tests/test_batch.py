@@ -15,12 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import lora_factory as lf
 from batch_helpers import FakeBackend, files_in, image_settings, manifest_lines, write_jobs
 from flux_core.batch import BatchError, JobError, expand, load_jobs, parse_jobs, run_batch, verify
 from flux_core.batch.driver import BatchRun
 from flux_core.batch.files import FolderBusyError, sha256_file
 from flux_core.batch.manifest import JsonlLog, Manifest, ManifestError, SeedBook
 from flux_core.batch.progress import BatchProgress, Summary
+from flux_core.batch.command import found_loras
+from flux_core.batch.jobs import fingerprint
 from flux_core.batch.runner import EngineWorker, LocalBackend, ModelSpec, group_chunks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +62,9 @@ def worker():
     ('{"prompt": "  "}', "prompt"),
     ('{"prompt": "a", "id": "has space"}', "id"),
     ('{"aspect_ratio": "1:1"}', "prompt"),
+    ('{"prompt": "a", "loras": 3}', "loras"),
+    ('{"prompt": "a", "loras": [{"file": "x.safetensors"}]}', "loras"),
+    ('{"prompt": "a", "loras": [{"name": "x.safetensors", "strength": "high"}]}', "loras"),
 ])
 def test_a_bad_line_names_its_line_and_field(line, field):
     lines = ['{"prompt": "fine"}', "", line]
@@ -101,6 +107,23 @@ def test_job_ids_do_not_move_when_lines_are_added_and_variations_grow():
     item = expand(parse_jobs(['{"prompt": "x", "aspect_ratio": "16:9", "image_size": 512, "seed": 0}']), {})[0]
     assert (item.width, item.height) == (512, 288)
     assert item.inputs["num_inference_steps"] == 28 and item.inputs["speed_mode"] == "Extra Juiced 🔥 (more speed)"
+
+
+def test_loras_in_a_job_are_normalized_and_part_of_what_makes_the_image():
+    plain, short, long_form, other = parse_jobs([
+        '{"prompt": "x", "seed": 1}',
+        '{"prompt": "x", "seed": 1, "loras": "style.safetensors:0.5"}',
+        '{"prompt": "x", "seed": 1, "loras": [{"name": "style.safetensors", "strength": 0.5}]}',
+        '{"prompt": "x", "seed": 1, "loras": ["style.safetensors", "C:\\\\l\\\\ink.safetensors:2"]}'])
+    assert plain.inputs["loras"] == []
+    assert short.inputs["loras"] == long_form.inputs["loras"] == [{"name": "style.safetensors", "strength": 0.5}]
+    assert other.inputs["loras"] == [{"name": "style.safetensors", "strength": 1.0},
+                                     {"name": "C:\\l\\ink.safetensors", "strength": 2.0}]
+    # jobs without LoRAs keep the fingerprint they had before jobs could have them
+    assert plain.fingerprint == fingerprint({k: v for k, v in plain.inputs.items() if k != "loras"})
+    assert short.fingerprint == long_form.fingerprint != plain.fingerprint
+    items = expand([plain, short, other], {})
+    assert len({item.group_key for item in items}) == 3  # never batched into one call
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,6 +289,34 @@ def test_batch_with_variations_end_to_end_and_rerun_skips_everything(tmp_path, w
     assert (grown.skipped, grown.done) == (5, 1)
     assert manifest_lines(out)[-1]["seed"] == lighthouse_seed + 2
     assert (out / "manifest.jsonl").read_bytes().startswith(before)
+
+
+def test_jobs_with_loras_run_with_them_and_say_so(tmp_path, worker):
+    lf.write_demo_lora(tmp_path / "demo-lora.safetensors")
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
+        {"prompt": "an orange", "seed": 5, "output_format": "png", **TINY},
+        {"prompt": "an orange", "seed": 5, "output_format": "png", "loras": ["demo-lora.safetensors:0.9"], **TINY},
+        {"prompt": "an orange", "seed": 5, "output_format": "png", **TINY, "speed_mode": "off"},
+    ])
+    jobs = load_jobs(jobs_file)
+    spec = ModelSpec(demo=True, lora_paths=found_loras(jobs, [tmp_path]))
+    assert spec.lora_paths == {"demo-lora.safetensors": str(tmp_path / "demo-lora.safetensors")}
+    out = tmp_path / "out"
+    summary = run_batch(jobs, out, LocalBackend(spec, worker=EngineWorker.from_models(worker.models, spec)),
+                        quiet=True)
+    assert (summary.done, summary.failed) == (3, 0)
+    plain, styled, after = (out / r["file"] for r in manifest_lines(out))
+    assert image_settings(styled)["loras"] == [{"name": "demo-lora.safetensors", "strength": 0.9, "layers": 2}]
+    assert "loras" not in image_settings(plain) and "loras" not in image_settings(after)
+
+    def pixels(path):
+        return np.asarray(Image.open(path), dtype=np.int16)
+
+    assert np.abs(pixels(styled) - pixels(plain)).mean() > 1  # the LoRA changed the image
+    assert np.array_equal(pixels(after), pixels(plain))  # and came off for the next job
+
+    with pytest.raises(ValueError, match=r"LoRA file not found: gone.safetensors \(looked as given and in "):
+        found_loras(parse_jobs(['{"prompt": "x", "loras": "gone.safetensors"}']), [tmp_path])
 
 
 def test_batched_calls_keep_every_seed(worker):

@@ -12,8 +12,9 @@ import pytest
 
 from batch_helpers import files_in, manifest_lines, write_jobs
 from flux_core.batch import expand, load_jobs, parse_jobs, run_batch, verify
-from flux_core.batch.comfy_client import (FALLBACK_WORKFLOW, SHIPPED_WORKFLOW, ComfyBackend, ComfyError, check_workflow,
-                                          fill_workflow, load_workflow)
+from flux_core.batch.comfy_client import (FALLBACK_WORKFLOW, SHIPPED_WORKFLOW, ComfyBackend, ComfyError,
+                                          check_lora_workflow, check_workflow, fill_workflow, load_workflow,
+                                          model_sources)
 from flux_core.batch.websocket import BINARY, PING, PONG, TEXT, WebSocket, WebSocketClosed, accept_key
 
 # The smallest image the workflow allows and two steps: the host decodes with the full-size demo autoencoder.
@@ -126,6 +127,27 @@ def test_the_modular_and_native_workflows_are_filled_through_their_nodes(name):
     assert graph != workflow and workflow == load_workflow(SHIPPED_WORKFLOW.parent / f"{name}.json")
 
 
+@pytest.mark.parametrize("name", ["flux_modular", "flux_native_ksampler"])
+def test_a_jobs_loras_are_chained_after_the_model_loader(name):
+    workflow = load_workflow(SHIPPED_WORKFLOW.parent / f"{name}.json")
+    (loader,) = model_sources(workflow)
+    users = sorted((n, k) for n, node in workflow.items() for k, v in node["inputs"].items() if v == list(loader))
+    item = _item(seed=3, loras=["a.safetensors:0.5", {"name": "b.safetensors"}])
+    graph = fill_workflow(workflow, item)
+    chain = [(node_id, node["inputs"]) for node_id, node in graph.items() if node["class_type"] == "LoraLoaderModelOnly"]
+    assert [(i["lora_name"], i["strength_model"]) for _, i in chain] == [("a.safetensors", 0.5), ("b.safetensors", 1.0)]
+    assert chain[0][1]["model"] == list(loader) and chain[1][1]["model"] == [chain[0][0], 0]
+    assert users and all(graph[n]["inputs"][k] == [chain[1][0], 0] for n, k in users)  # every user takes the end
+    assert len(graph) == len(workflow) + 2 and fill_workflow(workflow, _item(seed=3)) == fill_workflow(workflow, _item(seed=3))
+    assert not any(node["class_type"] == "LoraLoaderModelOnly" for node in fill_workflow(workflow, _item(seed=3)).values())
+
+    # the all-in-one node loads its own model: nothing to put a LoRA after
+    with pytest.raises(ValueError, match="need a workflow with a MODEL loader"):
+        check_lora_workflow(load_workflow())
+    with pytest.raises(ComfyError, match="no MODEL loader"):
+        fill_workflow(load_workflow(), item)
+
+
 def test_unusable_workflows_are_refused_with_the_reason(tmp_path):
     ui = tmp_path / "ui.json"
     ui.write_text(json.dumps({"nodes": [], "links": []}))
@@ -217,6 +239,32 @@ def test_two_servers_share_a_batch_and_a_rerun_submits_nothing(tmp_path, servers
     assert (again.skipped, again.done) == (4, 0)
     assert (out / "manifest.jsonl").read_bytes() == before
     assert [len(s.get("/history").json()) for s in servers] == history_before  # nothing was submitted
+
+
+@pytest.mark.host
+@pytest.mark.slow
+def test_jobs_with_loras_run_through_the_hosts_lora_loader(tmp_path, servers):
+    """The modular workflow on a real server: the job's LoRA (in the server's loras folder) goes through the
+    host's LoraLoaderModelOnly; a LoRA the server lacks fails that item alone, with the host's reason."""
+    import numpy as np
+    from PIL import Image
+
+    import lora_factory as lf
+
+    server = servers[0]
+    server.place_model(lf.write_demo_lora(tmp_path / "demo-lora.safetensors"), "loras", "demo-lora.safetensors")
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", [
+        {"prompt": "a red apple", "seed": 8, **TINY},
+        {"prompt": "a red apple", "seed": 8, "loras": ["demo-lora.safetensors:0.9"], **TINY},
+        {"prompt": "a red apple", "seed": 8, "loras": ["not-there.safetensors"], **TINY},
+    ])
+    out = tmp_path / "out"
+    workflow = load_workflow(SHIPPED_WORKFLOW.parent / "flux_modular.json")
+    summary = run_batch(load_jobs(jobs_file), out, ComfyBackend([server.url], workflow), quiet=True)
+    assert (summary.done, summary.failed) == (2, 1), summary.failures
+    assert "not-there.safetensors" in summary.failures[0][1]
+    plain, styled = (np.asarray(Image.open(out / r["file"]), dtype=np.int16) for r in manifest_lines(out))
+    assert np.abs(styled - plain).mean() > 1  # the host applied the LoRA
 
 
 @pytest.mark.host

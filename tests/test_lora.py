@@ -215,19 +215,11 @@ def test_loras_reach_packed_and_fp8_layers(files, changes):
 def test_generate_takes_loras_per_call_and_records_them(tmp_path):
     import flux_core
     from flux_core.demo import demo_model_files
-    from flux_core.lora.files import linear_shapes
     from flux_core.pipeline import load_models
 
     paths = demo_model_files(tmp_path / "demo")
     models = load_models(paths["transformer"], paths["autoencoder"], paths["t5"], paths["clip"], dtype=torch.float32)
-    shapes = linear_shapes(models.transformer)
-    gen = torch.Generator().manual_seed(9)
-    tensors = {}
-    for layer in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear2"):
-        up, down = lf.low_rank(*shapes[layer], gen)
-        stem = "lora_unet_" + layer.replace(".", "_")
-        tensors.update({stem + ".lora_up.weight": up * 4, stem + ".lora_down.weight": down})
-    save_file(tensors, str(tmp_path / "demo-lora.safetensors"))
+    lf.write_demo_lora(tmp_path / "demo-lora.safetensors")
     common = dict(image_size=64, num_inference_steps=3, seed=4, decode=False)
 
     plain = flux_core.generate("an orange", models, **common)
@@ -254,15 +246,7 @@ def test_cli_lora_option(tmp_path):
     remote = cli("generate", "--prompt", "x", "--provider", "bfl", "--lora", "a.safetensors")
     assert remote.returncode == 2 and "--lora runs on the local engine" in remote.stderr
 
-    # A LoRA for the demo transformer, built from its own shapes.
-    from flux_core.demo import demo_model_files
-    from flux_core.lora.files import linear_shapes
-
-    demo = load_transformer(demo_model_files(tmp_path / "demo")["transformer"], dtype=torch.float32)
-    rows, cols = linear_shapes(demo)["single_blocks.0.linear1"]
-    up, down = lf.low_rank(rows, cols, torch.Generator().manual_seed(1))
-    save_file({"diffusion_model.single_blocks.0.linear1.lora_A.weight": down,
-               "diffusion_model.single_blocks.0.linear1.lora_B.weight": up}, str(tmp_path / "l.safetensors"))
+    lf.write_demo_lora(tmp_path / "l.safetensors", layers=("single_blocks.0.linear1",))
     ok = cli(*common, "--lora", str(tmp_path / "l.safetensors") + ":0.5", "--out", str(tmp_path / "o.png"))
     assert ok.returncode == 0, ok.stderr
     with Image.open(tmp_path / "o.png") as img:

@@ -38,6 +38,8 @@ FALLBACK_WORKFLOW = {"1": {"class_type": "FluxJuicedTextToImage", "inputs": {
 INPUT_ALIASES = {"steps": "num_inference_steps", "noise_seed": "seed"}
 PROMPT_NODES = {"CLIPTextEncode": "text"}
 LATENT_NODES = ("EmptySD3LatentImage", "EmptyLatentImage")
+# node classes whose output (at this index) is a MODEL: a job's LoRAs are chained after them
+MODEL_SOURCES = {"FluxJuicedTransformerLoader": 0, "UNETLoader": 0, "UnetLoaderGGUF": 0, "CheckpointLoaderSimple": 0}
 RETRIES = 3           # connection attempts before a server is given up
 MAX_ATTEMPTS = 3      # servers an item may lose before it counts as failed
 POLL_S = 5.0          # without websocket news for this long, ask /history directly
@@ -110,6 +112,34 @@ def check_workflow(workflow: dict) -> None:
         raise ValueError("the workflow has no save node (no filename_prefix input)")
 
 
+def model_sources(workflow: dict) -> list[tuple[str, int]]:
+    """(node id, output index) of every MODEL loader in the workflow: where LoRA loaders go."""
+    return [(node_id, MODEL_SOURCES[node["class_type"]]) for node_id, node in workflow.items()
+            if node.get("class_type") in MODEL_SOURCES]
+
+
+def check_lora_workflow(workflow: dict) -> None:
+    if not model_sources(workflow):
+        raise ValueError("jobs with loras need a workflow with a MODEL loader for the LoRA loaders to follow; "
+                         "the all-in-one node loads its own model. Use --workflow workflows/api/flux_modular.json "
+                         "or another API workflow with a transformer loader")
+
+
+def _add_loras(graph: dict, loras: list[dict]) -> None:
+    """A LoraLoaderModelOnly per LoRA, chained after each MODEL loader; the loader's users take the chain's end."""
+    for node_id, output in model_sources(graph):
+        link = [node_id, output]
+        users = [(user, name) for user, node in graph.items() for name, value in node.get("inputs", {}).items()
+                 if value == link]
+        for number, lora in enumerate(loras, start=1):
+            lora_id = f"lora{number}_{node_id}"
+            graph[lora_id] = {"class_type": "LoraLoaderModelOnly",
+                              "inputs": {"model": link, "lora_name": lora["name"], "strength_model": lora["strength"]}}
+            link = [lora_id, 0]
+        for user, name in users:
+            graph[user]["inputs"][name] = link
+
+
 def fill_workflow(workflow: dict, item: WorkItem) -> dict:
     """A copy of workflow with the item's inputs, its exact seed, one image per run, and a file prefix
     that names the item on the server."""
@@ -124,6 +154,10 @@ def fill_workflow(workflow: dict, item: WorkItem) -> dict:
             raise ComfyError(f"speed_mode {value!r} is not a choice of the pack's ComfyUI node "
                              f"({', '.join(speed_presets.SPEED_MODES)})")
         graph[node_id]["inputs"][name] = value
+    if item.inputs.get("loras"):
+        if not model_sources(graph):
+            raise ComfyError("this workflow has no MODEL loader to put the job's LoRAs after")
+        _add_loras(graph, item.inputs["loras"])
     return graph
 
 

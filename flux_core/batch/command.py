@@ -13,7 +13,9 @@ def add_batch_parser(sub, add_model_arguments) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Each line of the jobs file is a job: the inputs of `generate` (prompt, "
                                    "aspect_ratio, speed_mode, num_inference_steps, guidance, seed, image_size, "
-                                   "output_format, output_quality) plus `variations` (images per prompt). Images "
+                                   "output_format, output_quality), optional `loras` (\"FILE[:STRENGTH]\" or "
+                                   "{\"name\", \"strength\"}; files beside the jobs file or in --models-dir/loras; "
+                                   "ComfyUI: its loras folder) and `variations` (images per prompt). Images "
                                    "and manifest.jsonl go to --out; rerunning the command makes only what is "
                                    "missing. See docs/batch.md.")
     b.add_argument("jobs", help="the jobs file: one JSON object per line")
@@ -44,9 +46,12 @@ def _backend(args, jobs):
     if args.comfyui:
         if args.ray or args.ray_address:
             raise ValueError("--comfyui and --ray do not go together: ComfyUI servers run the jobs themselves")
-        from .comfy_client import DEFAULT_ITEM_TIMEOUT_S, ComfyBackend, load_workflow
+        from .comfy_client import DEFAULT_ITEM_TIMEOUT_S, ComfyBackend, check_lora_workflow, load_workflow
 
-        return ComfyBackend(args.comfyui, load_workflow(args.workflow),
+        workflow = load_workflow(args.workflow)
+        if any(job.inputs["loras"] for job in jobs):
+            check_lora_workflow(workflow)
+        return ComfyBackend(args.comfyui, workflow,
                             item_timeout=DEFAULT_ITEM_TIMEOUT_S if args.item_timeout is None else args.item_timeout)
     if args.workflow:
         raise ValueError("--workflow is for --comfyui")
@@ -60,7 +65,8 @@ def _backend(args, jobs):
     largest = max((presets.dimensions(j.inputs["aspect_ratio"], j.inputs["image_size"]) for j in jobs),
                   key=lambda wh: wh[0] * wh[1])
     common = dict(tokenizer_dir=args.tokenizer_dir, device=args.device, dtype=dtype, weights=args.weights,
-                  memory=memory_kwargs(args, *largest))
+                  memory=memory_kwargs(args, *largest),
+                  lora_paths=found_loras(jobs, [Path(args.jobs).resolve().parent, Path(args.models_dir) / "loras"]))
     if args.demo:
         spec = ModelSpec(demo=True, **common)
     else:
@@ -76,6 +82,24 @@ def _backend(args, jobs):
     if args.workers is not None:
         raise ValueError("--workers is for --ray (this process runs one engine)")
     return LocalBackend(spec, batch_size=args.batch_size)
+
+
+def found_loras(jobs, folders) -> dict[str, str]:
+    """Every LoRA name the jobs use -> its file (absolute, so Ray workers elsewhere find it at the same path):
+    the name as a path, else in each of `folders` in turn. ValueError naming what is missing, before any
+    model is loaded."""
+    found, missing = {}, []
+    for name in sorted({lora["name"] for job in jobs for lora in job.inputs["loras"]}):
+        candidates = [Path(name)] + [Path(folder) / name for folder in folders]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            missing.append(name)
+        else:
+            found[name] = str(path.resolve())
+    if missing:
+        raise ValueError(f"LoRA file{'s' if len(missing) > 1 else ''} not found: {', '.join(missing)} (looked "
+                         f"as given and in {', '.join(str(f) for f in folders)})")
+    return found
 
 
 def _torch_dtype_names() -> dict:

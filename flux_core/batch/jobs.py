@@ -1,8 +1,8 @@
 """Jobs files: one JSON object per line, validated with the line number in every error, expanded into
 work items (one per image) whose ids stay the same from run to run, so a rerun can tell what is done.
 
-A line holds the design table's inputs (only `prompt` is required) plus `variations` (images per
-prompt, image i made from seed + i) and an optional `id`. A line may also be a bare JSON string: the
+A line holds the design table's inputs (only `prompt` is required), optional `loras`, `variations` (images
+per prompt, image i made from seed + i) and an optional `id`. A line may also be a bare JSON string: the
 prompt alone. Blank lines and lines starting with `#` are skipped.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import presets
+from ..lora.spec import normalize_loras
 
 MAX_VARIATIONS = 10_000
 DEFAULTS = {
@@ -25,6 +26,7 @@ DEFAULTS = {
     "image_size": presets.DEFAULT_IMAGE_SIZE,
     "output_format": presets.DEFAULT_OUTPUT_FORMAT,
     "output_quality": presets.DEFAULT_OUTPUT_QUALITY,
+    "loras": [],  # [{"name", "strength"}]; names resolve where the jobs run (engine: files; ComfyUI: its loras)
 }
 INPUTS = ("prompt", *DEFAULTS)          # what makes an image; a job's fingerprint covers these
 FIELDS = (*INPUTS, "variations", "id")  # everything a line may hold
@@ -62,7 +64,8 @@ class WorkItem:
     def group_key(self) -> tuple:
         """Items with the same key can share one batched generate() call."""
         i = self.inputs
-        return (self.width, self.height, i["num_inference_steps"], i["guidance"], i["speed_mode"])
+        return (self.width, self.height, i["num_inference_steps"], i["guidance"], i["speed_mode"],
+                tuple((lora["name"], lora["strength"]) for lora in i["loras"]))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +113,8 @@ def _check(name: str, value):
         return presets.check_choice(name, value, presets.OUTPUT_FORMATS)
     if name == "output_quality":
         return _integer(name, value, presets.QUALITY_RANGE)
+    if name == "loras":
+        return normalize_loras(value)
     if name == "variations":
         return _integer(name, value, (1, MAX_VARIATIONS))
     if name == "id":
@@ -130,8 +135,9 @@ def _slug(prompt: str, length: int = 32) -> str:
 
 
 def fingerprint(inputs: dict) -> str:
-    """Stable across runs and machines: sorted-key JSON of the inputs; a random seed (-1) is left out."""
-    key = {k: v for k, v in inputs.items() if not (k == "seed" and v == -1)}
+    """Stable across runs and machines: sorted-key JSON of the inputs; a random seed (-1) is left out, and so
+    is an empty `loras` (jobs written before LoRAs existed keep their fingerprints)."""
+    key = {k: v for k, v in inputs.items() if not (k == "seed" and v == -1) and not (k == "loras" and not v)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 

@@ -31,6 +31,7 @@ class ModelSpec:
     dtype: str | None = None                      # bf16 / fp16 / fp32; default bf16 on GPUs, fp32 on CPUs
     weights: str = "auto"                         # transformer weight storage (load_models' weights)
     memory: dict = field(default_factory=dict)    # load_models' low-memory options (offload, budget, ...)
+    lora_paths: dict = field(default_factory=dict)  # a jobs file's LoRA name -> the file (found_loras)
 
     def model_name(self) -> str:
         if self.demo:
@@ -110,6 +111,8 @@ class EngineWorker:
                               aspect_ratio=inputs["aspect_ratio"], image_size=inputs["image_size"],
                               num_inference_steps=inputs["num_inference_steps"], guidance=inputs["guidance"],
                               seed=first.seed, initial_noise=noise, speed_mode=inputs["speed_mode"],
+                              loras=[(self.spec.lora_paths[lora["name"]], lora["strength"])
+                                     for lora in inputs["loras"]],
                               callback=callback)
         except Exception as exc:  # noqa: BLE001 - reported per item, the batch goes on
             message = f"{type(exc).__name__}: {exc}"

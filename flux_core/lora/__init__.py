@@ -7,34 +7,34 @@ call without touching the weights (adapters.py), on dense, fp8 and packed (GGUF/
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from typing import Sequence
 
-from .adapters import applied_loras, applied_tag, apply_loras, remove_loras
-from .files import Lora, LoraError, LoraLayer, read_lora
+from .spec import normalize_loras, parse_lora_spec
 
-__all__ = ["Lora", "LoraError", "LoraLayer", "applied_loras", "apply_loras", "parse_lora_spec", "read_lora",
-           "remove_loras", "use_loras"]
+# The rest needs torch: imported on first use, so the spec parsing stays importable without it.
+_LAZY = {name: "files" for name in ("Lora", "LoraError", "LoraLayer", "read_lora")}
+_LAZY.update({name: "adapters" for name in ("applied_loras", "applied_tag", "apply_loras", "remove_loras")})
+
+__all__ = ["normalize_loras", "parse_lora_spec", "use_loras", *_LAZY]
 
 log = logging.getLogger(__name__)
 
 
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """"PATH" or "PATH:STRENGTH" (strength default 1.0) -> (path, strength). A colon followed by anything
-    but a number belongs to the path (C:\\loras\\x.safetensors)."""
-    path, sep, tail = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def use_loras(model, loras: Sequence[tuple[str | os.PathLike, float]] | None) -> list[dict]:
     """Make `loras` ((file, strength) pairs, in order) the LoRAs on `model`, reading files only when the set
     changes; [] or None removes them. Warns about layers a file holds that the transformer does not take."""
+    from .adapters import applied_loras, applied_tag, apply_loras
+    from .files import read_lora
+
     request = tuple((os.path.abspath(os.fspath(p)), float(s), _stamp(p)) for p, s in loras or ())
     if request == applied_tag(model):
         return applied_loras(model)
