@@ -279,3 +279,22 @@ def test_loras_on_streamed_blocks(files):
         assert torch.equal(tf.run_flux(streamed, inputs), want)
     finally:
         streamer.detach()
+
+
+def test_xlabs_layout(tmp_path):
+    model = load_transformer(_tiny_file(tmp_path), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(6)
+    tensors, want = {}, {}
+    for stem, target, rows, out in (("double_blocks.1.processor.qkv_lora2", "double_blocks.1.txt_attn.qkv", None, 3 * lf.H),
+                                    ("double_blocks.0.processor.proj_lora1", "double_blocks.0.img_attn.proj", None, lf.H),
+                                    ("single_blocks.1.processor.qkv_lora", "single_blocks.1.linear1", (0, 3 * lf.H), 3 * lf.H),
+                                    ("single_blocks.0.processor.proj_lora", "single_blocks.0.linear2", None, lf.H)):
+        cols = model.get_submodule(target).in_features
+        up, down = lf.low_rank(out, cols, gen)
+        tensors.update({stem + ".down.weight": down, stem + ".up.weight": up})
+        want[target] = (rows, up, down)
+    save_file(tensors, str(tmp_path / "xlabs.safetensors"))
+    layers = lora.read_lora(tmp_path / "xlabs.safetensors", model).layers
+    assert {x.target: (x.rows, x.scale) for x in layers} == {t: (rows, 1.0) for t, (rows, _, _) in want.items()}
+    for layer in layers:
+        assert torch.equal(layer.up, want[layer.target][1]) and torch.equal(layer.down, want[layer.target][2])

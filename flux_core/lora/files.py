@@ -7,6 +7,8 @@ Recognised key layouts (safetensors only, like every model file of the pack):
   .lora_A.weight`, `.lora_B.weight`; projections that the reference fuses (q/k/v, the single blocks' MLP
   input) patch their rows of the fused layer
 - OneTrainer: diffusers names with underscores, `lora_transformer_single_transformer_blocks_0_proj_out...`
+- XLabs: `double_blocks.0.processor.qkv_lora1.down.weight` (qkv_lora1/proj_lora1 image stream, 2 text
+  stream), `single_blocks.0.processor.qkv_lora` (linear1's q/k/v rows) and `proj_lora` (linear2)
 
 Text-encoder layers are reported and left out (the engine applies LoRAs to the transformer). Other adapter
 kinds (DoRA, LoHa, LoKr, full weight diffs) are refused by name.
@@ -27,7 +29,8 @@ from ..errors import FluxError
 # (down suffix, up suffix) pairs, most common first
 _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
           (".lora_A.default.weight", ".lora_B.default.weight"), (".lora.down.weight", ".lora.up.weight"),
-          (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
+          (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+          (".down.weight", ".up.weight"))  # XLabs (last: the suffixes above end the same way)
 _ALPHA = ".alpha"
 _OTHER_KINDS = {".dora_scale": "DoRA", ".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr",
                 ".diff": "a full weight diff", ".diff_b": "a full bias diff"}
@@ -84,7 +87,7 @@ def read_lora(path, model) -> Lora:
     if path.suffix.lower() != ".safetensors":
         raise LoraError(path, "LoRAs are read from .safetensors files only (pickled .pt/.ckpt files can run code)")
     shapes = linear_shapes(model)
-    targets = _name_table(shapes, diffusers_linear_targets(model.params))
+    targets = _name_table(shapes, diffusers_linear_targets(model.params), model.params.hidden_size)
     with open_checkpoint(path) as tf:
         keys = list(tf.keys())
         stems, leftovers = _group(keys)
@@ -131,7 +134,7 @@ def _group(keys) -> tuple[dict[str, tuple[str, str]], list[str]]:
     return stems, [k for k in keys if k not in used]
 
 
-def _name_table(shapes: dict, diffusers: dict) -> dict[str, tuple[str, tuple[int, int] | None, bool]]:
+def _name_table(shapes: dict, diffusers: dict, hidden: int) -> dict[str, tuple[str, tuple[int, int] | None, bool]]:
     """Every spelling of a linear a LoRA may use -> (reference name, rows, halves swapped)."""
     table = {}
     for name in shapes:
@@ -140,6 +143,23 @@ def _name_table(shapes: dict, diffusers: dict) -> dict[str, tuple[str, tuple[int
         if target[0] in shapes:
             table.setdefault(name, target)
             table["lora_transformer_" + name.replace(".", "_")] = target
+    table.update(_xlabs_names(shapes, hidden))
+    return table
+
+
+# XLabs processor names: reference layer (inside a block) -> name
+_XLABS = {"img_attn.qkv": "qkv_lora1", "img_attn.proj": "proj_lora1", "txt_attn.qkv": "qkv_lora2",
+          "txt_attn.proj": "proj_lora2", "linear1": "qkv_lora", "linear2": "proj_lora"}
+
+
+def _xlabs_names(shapes: dict, hidden: int) -> dict:
+    table = {}
+    for name in shapes:
+        kind, _, rest = name.partition(".")
+        index, _, layer = rest.partition(".")
+        if kind in ("double_blocks", "single_blocks") and layer in _XLABS:
+            rows = (0, 3 * hidden) if layer == "linear1" else None  # only linear1's q/k/v rows
+            table[f"{kind}.{index}.processor.{_XLABS[layer]}"] = (name, rows, False)
     return table
 
 
