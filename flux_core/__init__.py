@@ -20,6 +20,7 @@ _EXPORTS = {
     "Flux": ".model",
     "CheckpointError": ".errors",
     "FluxError": ".errors",
+    "use_loras": ".lora",
 }
 __all__ = sorted(_EXPORTS) + ["sampling"]
 
@@ -27,6 +28,6 @@ __all__ = sorted(_EXPORTS) + ["sampling"]
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    if name in ("sampling", "presets", "model", "autoencoder", "text_encoders", "checkpoints", "pipeline"):
+    if name in ("sampling", "presets", "model", "autoencoder", "text_encoders", "checkpoints", "pipeline", "lora"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'flux_core' has no attribute {name!r}")
