@@ -174,10 +174,10 @@ def _resolve(stem: str, table: dict):
 
 def _layer(path, stem, target, rows, swapped, down, up, alpha, shape) -> LoraLayer:
     out_features, in_features = shape
-    rank = down.shape[0]
     want_rows = out_features if rows is None else rows[1] - rows[0]
-    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != rank:
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
         raise LoraError(path, f"'{stem}': down {list(down.shape)} and up {list(up.shape)} are not a low-rank pair")
+    rank = down.shape[0]
     if down.shape[1] != in_features or up.shape[0] != want_rows:
         raise LoraError(path, f"'{stem}' updates a {up.shape[0]}x{down.shape[1]} weight but {target} here is "
                               f"{want_rows}x{in_features}: the LoRA was made for another model")
