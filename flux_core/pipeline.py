@@ -137,8 +137,9 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
     speed.SPEED_MODES or a short alias) turns on step caching and the mode's compile / precision /
     attention choices (speed.runtime; what was chosen and why is in settings["acceleration"]); None or
     "off" samples exactly as the reference. result.evaluations counts the full transformer evaluations per
-    image either way. loras: (file, strength) pairs to put on the transformer for this and later calls
-    ([] takes them off; None leaves the model as it is); what is on is recorded in settings["loras"].
+    image either way. loras: (file, strength) pairs to put on the transformer (and CLIP-L, for files that
+    train it) for this and later calls ([] takes them off; None leaves the models as they are); what is on
+    is recorded in settings["loras"].
     """
     models = models or FluxModels(transformer, autoencoder, text_encoders)
     if models.transformer is None or models.text_encoders is None or (decode and models.autoencoder is None):
@@ -165,6 +166,8 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
     device, dtype = model.device, model.dtype
     timings: dict[str, float] = {}
 
+    if loras is not None:  # before encoding: a LoRA may train CLIP-L too
+        use_loras(model, loras, clip=getattr(models.text_encoders, "clip", None))
     start = time.perf_counter()
     memory = getattr(models, "memory", None)
     with memory.encoding() if memory else contextlib.nullcontext():
@@ -184,8 +187,6 @@ def generate(prompt: str | Sequence[str], models: FluxModels | None = None, *, t
     timesteps = sampling.get_schedule(num_inference_steps, inputs["img"].shape[1], shift=True)
 
     acceleration = _accelerate(model, speed_mode, memory)
-    if loras is not None:
-        use_loras(model, loras)
     start = time.perf_counter()
     if cache_config is None:
         runner = _CountingModel(model)

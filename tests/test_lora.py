@@ -298,3 +298,53 @@ def test_xlabs_layout(tmp_path):
     assert {x.target: (x.rows, x.scale) for x in layers} == {t: (rows, 1.0) for t, (rows, _, _) in want.items()}
     for layer in layers:
         assert torch.equal(layer.up, want[layer.target][1]) and torch.equal(layer.down, want[layer.target][2])
+
+
+@pytest.mark.host
+def test_clip_l_layers_of_a_lora_match_comfyui(comfy, tmp_path, monkeypatch):
+    """A kohya LoRA that trains CLIP-L too: the engine's pooled CLIP output (what FLUX conditions on) equals
+    the host's after its own LoRA loading; the T5 output is untouched."""
+    import sys
+
+    import comfy.sd
+    import comfy.utils
+
+    import flux_core
+    from comfy_import import imported_pack
+    from flux_core.demo import demo_model_files
+    from flux_core.lora.files import linear_shapes
+
+    demo = demo_model_files()
+    engine = flux_core.load_text_encoders(demo["t5"], demo["clip"], dtype=torch.float32)
+    gen = torch.Generator().manual_seed(12)
+    tensors = {}
+    for name, (rows, cols) in linear_shapes(engine.clip).items():
+        if ".layers." in name:
+            up, down = lf.low_rank(rows, cols, gen)
+            stem = "lora_te1_" + name.replace(".", "_")
+            tensors.update({stem + ".lora_up.weight": up * 2, stem + ".lora_down.weight": down,
+                            stem + ".alpha": torch.tensor(float(lf.RANK))})
+    lf.write_demo_lora(tmp_path / "t.safetensors")  # and transformer layers, as such files have
+    tensors.update(comfy.utils.load_torch_file(str(tmp_path / "t.safetensors")))
+    save_file(tensors, str(tmp_path / "both.safetensors"))
+
+    monkeypatch.setattr(comfy.cli_args.args, "fp32_text_enc", True)  # the host uses fp16 on a CPU otherwise
+    with imported_pack("flux_juiced_pack_lora_test") as pack:
+        host_models = sys.modules[f"{pack.__name__}.nodes.host_models"]
+        host_models._cache.pop("text_encoders", None)
+        clip = host_models.load_clip(str(demo["t5"]), str(demo["clip"]))
+        _, patched = comfy.sd.load_lora_for_models(None, clip, comfy.utils.load_torch_file(
+            str(tmp_path / "both.safetensors")), 0, 0.7)
+        prompt = "a tabby cat asleep on a folded canvas awning"
+        host_txt, host_vec = patched.encode_from_tokens(patched.tokenize(prompt), return_pooled=True)
+        _, plain_vec = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+        host_models._cache.pop("text_encoders", None)
+
+    transformer = load_transformer(demo["transformer"], dtype=torch.float32)
+    summary = lora.use_loras(transformer, [(tmp_path / "both.safetensors", 0.7)], clip=engine.clip)
+    clip_layers = sum(key.startswith("lora_te1_") and key.endswith(".lora_up.weight") for key in tensors)
+    assert summary == [{"name": "both.safetensors", "strength": 0.7, "layers": 2, "clip_layers": clip_layers}]
+    txt, vec = engine.encode([prompt])
+    assert tf.rel_l2(host_vec, plain_vec) > 0.01, "the LoRA changed nothing in the host"
+    torch.testing.assert_close(vec, host_vec, rtol=0, atol=2e-5)
+    torch.testing.assert_close(txt, host_txt, rtol=0, atol=2e-5)

@@ -29,26 +29,30 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def use_loras(model, loras: Sequence[tuple[str | os.PathLike, float]] | None) -> list[dict]:
-    """Make `loras` ((file, strength) pairs, in order) the LoRAs on `model`, reading files only when the set
-    changes; [] or None removes them. Warns about layers a file holds that the transformer does not take."""
+def use_loras(model, loras: Sequence[tuple[str | os.PathLike, float]] | None, clip=None) -> list[dict]:
+    """Make `loras` ((file, strength) pairs, in order) the LoRAs on the transformer `model` and, given the
+    CLIP-L encoder `clip`, on its layers the files train; [] or None removes them. Files are read only when
+    the set changes. Warns about tensors a file holds that neither model takes."""
     from .adapters import applied_loras, applied_tag, apply_loras
     from .files import read_lora
 
     request = tuple((os.path.abspath(os.fspath(p)), float(s), _stamp(p)) for p, s in loras or ())
-    if request == applied_tag(model):
+    if request == applied_tag(model) and (clip is None or request == applied_tag(clip)):
         return applied_loras(model)
     read = []
     for path, strength, _ in request:
-        lora = read_lora(path, model)
+        lora = read_lora(path, model, clip=clip)
         if lora.text_encoder_keys:
-            log.warning("%s: %d text-encoder tensors left out (the engine applies LoRAs to the transformer)",
-                        lora.name, len(lora.text_encoder_keys))
+            log.warning("%s: %d text-encoder tensors left out (the engine applies LoRAs to the transformer and "
+                        "CLIP-L)", lora.name, len(lora.text_encoder_keys))
         if lora.unknown_keys:
             log.warning("%s: %d tensors match no layer of this transformer and are left out, e.g. %s",
                         lora.name, len(lora.unknown_keys), ", ".join(lora.unknown_keys[:3]))
         read.append((lora, strength))
-    return apply_loras(model, read, tag=request)
+    summary = [lora.summary(strength) for lora, strength in read]
+    if clip is not None:
+        apply_loras(clip, [(lora.clip_layers, strength) for lora, strength in read], tag=request)
+    return apply_loras(model, [(lora.layers, strength) for lora, strength in read], tag=request, summary=summary)
 
 
 def _stamp(path) -> tuple[float, int] | None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import Lora
+from .files import LoraLayer
 
 DOWN, UP = "flux_lora_down", "flux_lora_up"
 _STATE = "_flux_loras"  # in the model's __dict__: hook handles and the summary of what is applied
@@ -35,28 +35,27 @@ def _add_lora(module: nn.Module, args, output):
     return output + F.linear(F.linear(x, down), up).to(output.dtype)
 
 
-def apply_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]], tag=None) -> list[dict]:
-    """Replace the LoRAs on `model` (a flux_core Flux) with `loras`, (lora, strength) pairs read for this
-    model (read_lora); an empty list removes them. Returns the summary kept in image settings. `tag` is
-    kept with them (applied_tag) until they are replaced or removed."""
+def apply_loras(model: nn.Module, updates: Sequence[tuple[Sequence[LoraLayer], float]], tag=None,
+                summary: list[dict] | None = None) -> list[dict]:
+    """Replace the LoRAs on `model` (the transformer, or a text encoder) with `updates`: (layers read for
+    this model, strength) pairs; an empty list removes them. `tag` and `summary` (what applied_loras
+    reports) are kept with them until they are replaced or removed."""
     remove_loras(model)
-    updates: dict[str, list] = {}
-    summary = []
-    for lora, strength in loras:
-        strength = float(strength)
-        summary.append({"name": lora.name, "strength": strength, "layers": len(lora.layers)})
-        if strength == 0.0:
+    by_target: dict[str, list] = {}
+    for layers, strength in updates:
+        if float(strength) == 0.0:
             continue
-        for layer in lora.layers:
-            updates.setdefault(layer.target, []).append((layer, layer.scale * strength))
+        for layer in layers:
+            by_target.setdefault(layer.target, []).append((layer, layer.scale * float(strength)))
     handles = []
-    for target, parts in updates.items():
+    for target, parts in by_target.items():
         module = model.get_submodule(target)
         down, up = _fold(parts, module.out_features)
         module.register_buffer(DOWN, down, persistent=False)
         module.register_buffer(UP, up, persistent=False)
         handles.append(module.register_forward_hook(_add_lora))
-    model.__dict__[_STATE] = {"handles": handles, "targets": list(updates), "summary": summary, "tag": tag}
+    summary = list(summary or [])
+    model.__dict__[_STATE] = {"handles": handles, "targets": list(by_target), "summary": summary, "tag": tag}
     return summary
 
 

@@ -10,8 +10,9 @@ Recognised key layouts (safetensors only, like every model file of the pack):
 - XLabs: `double_blocks.0.processor.qkv_lora1.down.weight` (qkv_lora1/proj_lora1 image stream, 2 text
   stream), `single_blocks.0.processor.qkv_lora` (linear1's q/k/v rows) and `proj_lora` (linear2)
 
-Text-encoder layers are reported and left out (the engine applies LoRAs to the transformer). Other adapter
-kinds (DoRA, LoHa, LoKr, full weight diffs) are refused by name.
+CLIP-L layers (`lora_te1_`, `lora_te_`, `text_encoder.`) apply to the engine's CLIP-L when it is given; other
+text-encoder layers (T5) are reported and left out. Other adapter kinds (DoRA, LoHa, LoKr, full weight
+diffs) are refused by name.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ _ALPHA = ".alpha"
 _OTHER_KINDS = {".dora_scale": "DoRA", ".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr",
                 ".diff": "a full weight diff", ".diff_b": "a full bias diff"}
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
+# CLIP-L layer names (Hugging Face's, as flux_core's CLIP has them) in kohya's and diffusers' spellings;
+# an underscore prefix takes the name with underscores
+_CLIP_PREFIXES = ("lora_te1_", "lora_te_", "text_encoder.")
 _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.|te\d?\.|lora_clip|lora_t5)")
 
 
@@ -60,13 +64,21 @@ class LoraLayer:
 @dataclass
 class Lora:
     path: str
-    layers: list[LoraLayer]
+    layers: list[LoraLayer]                                     # the transformer's
+    clip_layers: list[LoraLayer] = field(default_factory=list)  # CLIP-L's (read when a CLIP model is given)
     text_encoder_keys: list[str] = field(default_factory=list)  # recognised, not applied
     unknown_keys: list[str] = field(default_factory=list)       # not recognised, not applied
 
     @property
     def name(self) -> str:
         return Path(self.path).name
+
+    def summary(self, strength: float) -> dict:
+        """What an image's settings record of this LoRA."""
+        entry = {"name": self.name, "strength": float(strength), "layers": len(self.layers)}
+        if self.clip_layers:
+            entry["clip_layers"] = len(self.clip_layers)
+        return entry
 
 
 def linear_shapes(model) -> dict[str, tuple[int, int]]:
@@ -76,8 +88,9 @@ def linear_shapes(model) -> dict[str, tuple[int, int]]:
             if isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)}
 
 
-def read_lora(path, model) -> Lora:
-    """The LoRA in `path` as updates to `model`'s linears (a flux_core Flux); LoraError if it does not fit."""
+def read_lora(path, model, clip=None) -> Lora:
+    """The LoRA in `path` as updates to `model`'s linears (a flux_core Flux) and, given the CLIP-L model
+    `clip`, to its linears; LoraError if it does not fit."""
     from ..checkpoints.reader import open_checkpoint
     from ..checkpoints.transformer import diffusers_linear_targets
 
@@ -88,6 +101,9 @@ def read_lora(path, model) -> Lora:
         raise LoraError(path, "LoRAs are read from .safetensors files only (pickled .pt/.ckpt files can run code)")
     shapes = linear_shapes(model)
     targets = _name_table(shapes, diffusers_linear_targets(model.params), model.params.hidden_size)
+    clip_shapes = linear_shapes(clip) if clip is not None else {}
+    clip_targets = {f"{prefix}{name.replace('.', '_') if prefix.endswith('_') else name}": (name, None, False)
+                    for name in clip_shapes for prefix in _CLIP_PREFIXES}
     with open_checkpoint(path) as tf:
         keys = list(tf.keys())
         stems, leftovers = _group(keys)
@@ -98,22 +114,26 @@ def read_lora(path, model) -> Lora:
                                           "(ComfyUI's LoRA loaders read the other kinds)")
         lora = Lora(str(path), [])
         for stem, (down_key, up_key) in stems.items():
-            if _TEXT_ENCODER.match(stem):
+            if stem in clip_targets:
+                found, into, layer_shapes = clip_targets[stem], lora.clip_layers, clip_shapes
+            elif _TEXT_ENCODER.match(stem):
                 lora.text_encoder_keys += [down_key, up_key]
                 continue
-            found = _resolve(stem, targets)
+            else:
+                found, into, layer_shapes = _resolve(stem, targets), lora.layers, shapes
             if found is None:
                 lora.unknown_keys += [down_key, up_key]
                 continue
             target, rows, swapped = found
             down, up = tf.read(down_key).float(), tf.read(up_key).float()
             alpha = tf.read(stem + _ALPHA).float().item() if stem + _ALPHA in tf else None
-            lora.layers.append(_layer(path, stem, target, rows, swapped, down, up, alpha, shapes[target]))
+            into.append(_layer(path, stem, target, rows, swapped, down, up, alpha, layer_shapes[target]))
         for key in leftovers:
             if not key.endswith(_ALPHA):
                 (lora.text_encoder_keys if _TEXT_ENCODER.match(key) else lora.unknown_keys).append(key)
-    if not lora.layers:
-        what = (f"only text-encoder layers ({len(lora.text_encoder_keys)} tensors)" if lora.text_encoder_keys
+    if not lora.layers and not lora.clip_layers:
+        what = (f"only text-encoder layers the engine does not patch ({len(lora.text_encoder_keys)} tensors)"
+                if lora.text_encoder_keys
                 else f"no layer of this FLUX transformer (keys like {', '.join(keys[:3]) or 'none'})")
         raise LoraError(path, f"the file holds {what}; nothing to apply")
     return lora
