@@ -128,18 +128,30 @@ def test_the_modular_and_native_workflows_are_filled_through_their_nodes(name):
 
 
 @pytest.mark.parametrize("name", ["flux_modular", "flux_native_ksampler"])
-def test_a_jobs_loras_are_chained_after_the_model_loader(name):
+def test_a_jobs_loras_are_chained_after_the_model_and_clip_loaders(name):
     workflow = load_workflow(SHIPPED_WORKFLOW.parent / f"{name}.json")
-    (loader,) = model_sources(workflow)
-    users = sorted((n, k) for n, node in workflow.items() for k, v in node["inputs"].items() if v == list(loader))
+    (model,) = model_sources(workflow)
+    (clip,) = [[n, 0] for n, node in workflow.items() if node["class_type"] == "FluxJuicedTextEncoderLoader"]
+    users = {tuple(link): sorted((n, k) for n, node in workflow.items() for k, v in node["inputs"].items() if v == link)
+             for link in (model, clip)}
     item = _item(seed=3, loras=["a.safetensors:0.5", {"name": "b.safetensors"}])
     graph = fill_workflow(workflow, item)
-    chain = [(node_id, node["inputs"]) for node_id, node in graph.items() if node["class_type"] == "LoraLoaderModelOnly"]
-    assert [(i["lora_name"], i["strength_model"]) for _, i in chain] == [("a.safetensors", 0.5), ("b.safetensors", 1.0)]
-    assert chain[0][1]["model"] == list(loader) and chain[1][1]["model"] == [chain[0][0], 0]
-    assert users and all(graph[n]["inputs"][k] == [chain[1][0], 0] for n, k in users)  # every user takes the end
-    assert len(graph) == len(workflow) + 2 and fill_workflow(workflow, _item(seed=3)) == fill_workflow(workflow, _item(seed=3))
-    assert not any(node["class_type"] == "LoraLoaderModelOnly" for node in fill_workflow(workflow, _item(seed=3)).values())
+    chain = [(node_id, node["inputs"]) for node_id, node in graph.items() if node["class_type"] == "LoraLoader"]
+    assert [(i["lora_name"], i["strength_model"], i["strength_clip"]) for _, i in chain] == [
+        ("a.safetensors", 0.5, 0.5), ("b.safetensors", 1.0, 1.0)]
+    assert (chain[0][1]["model"], chain[0][1]["clip"]) == (model, clip)
+    assert (chain[1][1]["model"], chain[1][1]["clip"]) == ([chain[0][0], 0], [chain[0][0], 1])
+    end = {tuple(model): [chain[1][0], 0], tuple(clip): [chain[1][0], 1]}
+    for link, used_by in users.items():  # every former user takes the chain's end
+        assert used_by and all(graph[n]["inputs"][k] == end[link] for n, k in used_by)
+    assert len(graph) == len(workflow) + 2
+    assert not any("Lora" in node["class_type"] for node in fill_workflow(workflow, _item(seed=3)).values())
+
+    # without a single CLIP loader to follow: LoRA loaders on the MODEL only
+    no_clip = {k: v for k, v in workflow.items()}
+    no_clip["99"] = dict(workflow[clip[0]])
+    graph = fill_workflow(no_clip, item)
+    assert [n["class_type"] for n in graph.values() if "Lora" in n["class_type"]] == ["LoraLoaderModelOnly"] * 2
 
     # the all-in-one node loads its own model: nothing to put a LoRA after
     with pytest.raises(ValueError, match="need a workflow with a MODEL loader"):
@@ -245,7 +257,7 @@ def test_two_servers_share_a_batch_and_a_rerun_submits_nothing(tmp_path, servers
 @pytest.mark.slow
 def test_jobs_with_loras_run_through_the_hosts_lora_loader(tmp_path, servers):
     """The modular workflow on a real server: the job's LoRA (in the server's loras folder) goes through the
-    host's LoraLoaderModelOnly; a LoRA the server lacks fails that item alone, with the host's reason."""
+    host's LoraLoader; a LoRA the server lacks fails that item alone, with the host's reason."""
     import numpy as np
     from PIL import Image
 

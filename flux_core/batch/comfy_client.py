@@ -40,6 +40,7 @@ PROMPT_NODES = {"CLIPTextEncode": "text"}
 LATENT_NODES = ("EmptySD3LatentImage", "EmptyLatentImage")
 # node classes whose output (at this index) is a MODEL: a job's LoRAs are chained after them
 MODEL_SOURCES = {"FluxJuicedTransformerLoader": 0, "UNETLoader": 0, "UnetLoaderGGUF": 0, "CheckpointLoaderSimple": 0}
+CLIP_SOURCES = {"FluxJuicedTextEncoderLoader": 0, "DualCLIPLoader": 0, "CLIPLoader": 0, "CheckpointLoaderSimple": 1}
 RETRIES = 3           # connection attempts before a server is given up
 MAX_ATTEMPTS = 3      # servers an item may lose before it counts as failed
 POLL_S = 5.0          # without websocket news for this long, ask /history directly
@@ -112,10 +113,9 @@ def check_workflow(workflow: dict) -> None:
         raise ValueError("the workflow has no save node (no filename_prefix input)")
 
 
-def model_sources(workflow: dict) -> list[tuple[str, int]]:
-    """(node id, output index) of every MODEL loader in the workflow: where LoRA loaders go."""
-    return [(node_id, MODEL_SOURCES[node["class_type"]]) for node_id, node in workflow.items()
-            if node.get("class_type") in MODEL_SOURCES]
+def model_sources(workflow: dict) -> list[list]:
+    """[node id, output index] of every MODEL loader in the workflow: where LoRA loaders go."""
+    return _sources(workflow, MODEL_SOURCES)
 
 
 def check_lora_workflow(workflow: dict) -> None:
@@ -125,14 +125,37 @@ def check_lora_workflow(workflow: dict) -> None:
                          "or another API workflow with a transformer loader")
 
 
+def _sources(workflow: dict, table: dict) -> list[list]:
+    return [[node_id, table[node["class_type"]]] for node_id, node in workflow.items()
+            if node.get("class_type") in table]
+
+
+def _users(graph: dict, link: list) -> list[tuple[str, str]]:
+    return [(user, name) for user, node in graph.items() for name, value in node.get("inputs", {}).items()
+            if value == link]
+
+
 def _add_loras(graph: dict, loras: list[dict]) -> None:
-    """A LoraLoaderModelOnly per LoRA, chained after each MODEL loader; the loader's users take the chain's end."""
-    for node_id, output in model_sources(graph):
-        link = [node_id, output]
-        users = [(user, name) for user, node in graph.items() for name, value in node.get("inputs", {}).items()
-                 if value == link]
+    """The job's LoRAs chained after the MODEL loader, the loader's users taking the chain's end. With one
+    MODEL and one CLIP loader the chain is the host's LoraLoader, so a LoRA's CLIP-L layers apply too, as on
+    the engine; otherwise LoraLoaderModelOnly after each MODEL loader."""
+    models, clips = _sources(graph, MODEL_SOURCES), _sources(graph, CLIP_SOURCES)
+    if len(models) == 1 and len(clips) == 1:
+        model, clip = models[0], clips[0]
+        model_users, clip_users = _users(graph, model), _users(graph, clip)
         for number, lora in enumerate(loras, start=1):
-            lora_id = f"lora{number}_{node_id}"
+            lora_id = f"lora{number}_{model[0]}"
+            graph[lora_id] = {"class_type": "LoraLoader", "inputs": {
+                "model": model, "clip": clip, "lora_name": lora["name"], "strength_model": lora["strength"],
+                "strength_clip": lora["strength"]}}
+            model, clip = [lora_id, 0], [lora_id, 1]
+        for (user, name), link in [(u, model) for u in model_users] + [(u, clip) for u in clip_users]:
+            graph[user]["inputs"][name] = link
+        return
+    for link in models:
+        users = _users(graph, link)
+        for number, lora in enumerate(loras, start=1):
+            lora_id = f"lora{number}_{link[0]}"
             graph[lora_id] = {"class_type": "LoraLoaderModelOnly",
                               "inputs": {"model": link, "lora_name": lora["name"], "strength_model": lora["strength"]}}
             link = [lora_id, 0]
