@@ -16,11 +16,11 @@ from .model import Flux, FluxParams
 TINY_FLUX = FluxParams(hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=64,
                        vec_in_dim=64, axes_dim=[16, 56, 56])
 # Bumped when the demo models change, so stale cached files are rebuilt.
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 DEMO_MARKER = "demo random weights"  # in each file's safetensors metadata under "flux_core"
 DEMO_FILES = {"transformer": "flux1-dev-demo.safetensors", "autoencoder": "ae-demo.safetensors",
               "t5": "t5xxl-demo.safetensors", "clip": "clip_l-demo.safetensors",
-              "tiny_autoencoder": "ae-tiny-demo.safetensors"}
+              "tiny_autoencoder": "ae-tiny-demo.safetensors", "lora": "flux-lora-demo.safetensors"}
 
 
 def default_cache_dir() -> Path:
@@ -48,9 +48,27 @@ def demo_model_files(cache_dir=None) -> dict[str, Path]:
     if all(p.exists() for p in paths.values()):
         return paths
     folder.mkdir(parents=True, exist_ok=True)
-    for role, module in _random_modules().items():
-        state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in module.state_dict().items()}
+    modules = _random_modules()
+    files = {role: module.state_dict() for role, module in modules.items()}
+    files["lora"] = _demo_lora(modules["transformer"], modules["clip"])
+    for role, state in files.items():
+        state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in state.items()}
         tmp = paths[role].with_suffix(".part")
         save_file(state, tmp, metadata={"flux_core": DEMO_MARKER})
         os.replace(tmp, paths[role])
     return paths
+
+
+def _demo_lora(transformer, clip) -> dict[str, torch.Tensor]:
+    """A rank-4 kohya-format LoRA on the demo transformer's attention inputs and CLIP-L's MLPs, so graphs and
+    commands with a LoRA run on demo weights too."""
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for prefix, model, leaves in (("lora_unet_", transformer, ("qkv", "linear1")), ("lora_te1_", clip, ("fc1",))):
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in leaves:
+                stem = prefix + name.replace(".", "_")
+                tensors[stem + ".lora_down.weight"] = torch.randn(4, module.in_features, generator=gen) / 8
+                tensors[stem + ".lora_up.weight"] = torch.randn(module.out_features, 4, generator=gen) / module.in_features ** 0.5
+                tensors[stem + ".alpha"] = torch.tensor(4.0)
+    return tensors

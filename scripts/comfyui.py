@@ -154,12 +154,18 @@ MODEL_INPUTS = {"transformer_name": ("transformer", "diffusion_models"), "t5_nam
                 "clip_name": ("clip", "text_encoders"), "vae_name": ("autoencoder", "vae")}
 
 
-def model_file_inputs(prompt: dict):
-    """(role, folder, file name) of every model file an API-format prompt names."""
+# Files a workflow may name that users bring themselves (no official download): demo runs place a demo file.
+USER_FILE_INPUTS = {"lora_name": ("lora", "loras")}
+
+
+def model_file_inputs(prompt: dict, user_files: bool = False):
+    """(role, folder, file name) of every model file an API-format prompt names (and, with user_files, of the
+    files like LoRAs that users bring)."""
+    known = {**MODEL_INPUTS, **USER_FILE_INPUTS} if user_files else MODEL_INPUTS
     for node in prompt.values():
         for key, value in node.get("inputs", {}).items():
-            if key in MODEL_INPUTS and isinstance(value, str):
-                yield (*MODEL_INPUTS[key], value)
+            if key in known and isinstance(value, str):
+                yield (*known[key], value)
 
 
 def _demo_weights(home: Path, workflow: dict) -> bool:
@@ -168,7 +174,7 @@ def _demo_weights(home: Path, workflow: dict) -> bool:
     from flux_core.demo import demo_model_files
 
     demo_files, used = None, False
-    for role, folder, name in model_file_inputs(workflow):
+    for role, folder, name in model_file_inputs(workflow, user_files=True):
         target = home / "models" / folder / name
         if not target.exists():
             demo_files = demo_files or demo_model_files()

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 UI_DIR = REPO / "example_workflows"          # served by ComfyUI as the pack's templates
 API_DIR = REPO / "workflows" / "api"         # for POST /prompt
 LOCAL_WORKFLOWS = ("flux_text_to_image", "flux_modular", "flux_native_ksampler", "flux_variations",
-                   "flux_speed_native")
+                   "flux_speed_native", "flux_lora")
 # Graphs whose job runs at a hosted provider: run by tests/test_remote_host.py against fake providers.
 REMOTE_WORKFLOWS = ("flux_remote_text_to_image",)
 WORKFLOWS = LOCAL_WORKFLOWS + REMOTE_WORKFLOWS
@@ -261,12 +261,12 @@ def demo_server(base_dir):
 
 
 def place_demo_models(server, prompts) -> None:
-    """The tiny demo weights (flux_core.demo) under every model file name the API prompts use."""
+    """The tiny demo weights (flux_core.demo) under every model file name the API prompts use (LoRAs too)."""
     from flux_core.demo import demo_model_files
 
     demo = demo_model_files()
     for prompt in prompts:
-        for role, folder, name in model_file_inputs(prompt):
+        for role, folder, name in model_file_inputs(prompt, user_files=True):
             server.place_model(demo[role], folder, name)
 
 
