@@ -1,8 +1,9 @@
-"""LoRAs for the engine's FLUX transformer: read from the common file layouts (files.py) and applied per
-call without touching the weights (adapters.py), on dense, fp8 and packed (GGUF/int8/fp8) models alike.
+"""LoRAs for the engine's FLUX transformer and CLIP-L: read from the common file layouts (files.py) and
+applied per call without touching the weights (adapters.py), on dense, fp8 and packed (GGUF/int8/fp8)
+models alike.
 
     from flux_core import lora
-    lora.use_loras(models.transformer, [("style.safetensors", 0.8)])
+    lora.use_loras(models.transformer, [("style.safetensors", 0.8)], clip=models.text_encoders.clip)
     generate(..., loras=[("style.safetensors", 0.8)])    # the same, per call, recorded in the settings
 """
 from __future__ import annotations

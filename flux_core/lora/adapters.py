@@ -1,4 +1,4 @@
-"""LoRAs on a flux_core transformer, applied per call: y = linear(x) + (x @ D^T) @ U^T.
+"""LoRAs on a flux_core model (the transformer, or CLIP-L), applied per call: y = linear(x) + (x @ D^T) @ U^T.
 
 The weights are never changed, so the same path serves dense, fp8 and packed (GGUF/int8/fp8) layers,
 removing or changing a LoRA restores the model exactly, and the cost is two thin matmuls per patched layer
