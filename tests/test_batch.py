@@ -124,6 +124,20 @@ def test_loras_in_a_job_are_normalized_and_part_of_what_makes_the_image():
     assert short.fingerprint == long_form.fingerprint != plain.fingerprint
     items = expand([plain, short, other], {})
     assert len({item.group_key for item in items}) == 3  # never batched into one call
+    # `batch --lora` gives its LoRAs to the lines that name none
+    given, own = parse_jobs(['"x"', '{"prompt": "y", "loras": []}'], defaults={"loras": ["style.safetensors:0.5"]})
+    assert given.inputs["loras"] == [{"name": "style.safetensors", "strength": 0.5}] and own.inputs["loras"] == []
+
+
+def test_cli_batch_looks_for_every_lora_before_loading_anything(tmp_path, capsys):
+    from flux_core.cli import main
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "x"}, {"prompt": "y", "loras": ["b.safetensors"]}])
+    assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--demo", "--lora", "a.safetensors:0.5",
+                 "--models-dir", str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err
+    assert "LoRA files not found: a.safetensors, b.safetensors" in err and str(tmp_path / "models" / "loras") in err
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------

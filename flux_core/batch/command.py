@@ -30,6 +30,8 @@ def add_batch_parser(sub, add_model_arguments) -> None:
     b.add_argument("--item-timeout", type=float, default=None, metavar="S",
                    help="with --comfyui: seconds an image may take on a server, queue wait included, before it "
                         "is taken off that server and counted failed (a rerun makes it); default 1800")
+    b.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a LoRA for every job whose line has no `loras` (repeat for several)")
     b.add_argument("--ray", action="store_true", help="run on Ray: a local Ray instance unless --ray-address")
     b.add_argument("--ray-address", default=None, help="join this Ray cluster (implies --ray), e.g. auto or HOST:6379")
     b.add_argument("--workers", type=int, default=None,
@@ -134,7 +136,9 @@ def cmd_batch(args) -> int:
     from .manifest import ManifestError
 
     # --demo shrinks the default size as `generate --demo` does; ComfyUI servers bring their own models.
-    defaults = {"image_size": DEMO_IMAGE_SIZE} if args.demo and not args.comfyui else None
+    defaults = {"image_size": DEMO_IMAGE_SIZE} if args.demo and not args.comfyui else {}
+    if args.lora:  # for the jobs that name none; part of their fingerprints, so a change remakes them
+        defaults["loras"] = list(args.lora)
     try:
         jobs = load_jobs(args.jobs, defaults=defaults)
         backend = _backend(args, jobs)
