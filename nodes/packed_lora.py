@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 CALLBACK_KEY = "flux_juiced_packed_patches"
 
 log = logging.getLogger(__name__)
@@ -27,14 +29,14 @@ class PackedWeightPatch:
     """The host's patches for one packed layer's weight, applied to its dequantized weight per call."""
 
     def __init__(self, key: str, patches: list):
+        import comfy.lora  # bound here, at load time, not in every layer's forward
+
         self.key, self.patches = key, patches
+        self._calculate = comfy.lora.calculate_weight
 
     def __call__(self, weight):
-        import comfy.lora
-        import torch
-
         # The host's adapters update the weight in place: the dequantized weight is a fresh tensor per call.
-        return comfy.lora.calculate_weight(self.patches, weight, self.key, intermediate_dtype=torch.float32)
+        return self._calculate(self.patches, weight, self.key, intermediate_dtype=torch.float32)
 
     def applied_by_host(self, weight_function) -> bool:
         """Whether the host already put a per-call patch for this key on the layer (its low-VRAM path)."""

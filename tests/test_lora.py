@@ -91,10 +91,10 @@ def test_same_numbers_as_comfyui_lora_loading_on_the_same_files(files, comfy):
     assert tf.rel_l2(ours, host) < 1e-5
 
 
-def test_every_key_layout_names_the_same_update(tmp_path):
+def test_every_key_layout_names_the_same_update(files, tmp_path):
     """One update of single_blocks.0.linear1's q rows, written as each trainer writes it, and one of the final
     modulation whose halves diffusers keeps swapped."""
-    model = load_transformer(_tiny_file(tmp_path), dtype=torch.float32)
+    model = load_transformer(files / "flux-tiny.safetensors", dtype=torch.float32)
     gen = torch.Generator().manual_seed(2)
     up, down = lf.low_rank(lf.H, lf.H, gen)
     alpha = torch.tensor(2.0)
@@ -132,15 +132,8 @@ def test_every_key_layout_names_the_same_update(tmp_path):
     assert torch.equal(layer.up, torch.cat([mod_up[lf.H:], mod_up[:lf.H]]))
 
 
-def _tiny_file(folder):
-    path = folder / "flux-tiny.safetensors"
-    if not path.exists():
-        tf.write_bfl(tf.random_bfl_state_dict(tf.TINY, seed=5), path)
-    return path
-
-
-def test_files_that_do_not_fit_are_refused_by_name(tmp_path, caplog):
-    model = load_transformer(_tiny_file(tmp_path), dtype=torch.float32)
+def test_files_that_do_not_fit_are_refused_by_name(files, tmp_path, caplog):
+    model = load_transformer(files / "flux-tiny.safetensors", dtype=torch.float32)
     gen = torch.Generator().manual_seed(4)
     up, down = lf.low_rank(3 * lf.H, lf.H, gen)
     qkv = "lora_unet_double_blocks_0_img_attn_qkv"
@@ -281,8 +274,8 @@ def test_loras_on_streamed_blocks(files):
         streamer.detach()
 
 
-def test_xlabs_layout(tmp_path):
-    model = load_transformer(_tiny_file(tmp_path), dtype=torch.float32)
+def test_xlabs_layout(files, tmp_path):
+    model = load_transformer(files / "flux-tiny.safetensors", dtype=torch.float32)
     gen = torch.Generator().manual_seed(6)
     tensors, want = {}, {}
     for stem, target, rows, out in (("double_blocks.1.processor.qkv_lora2", "double_blocks.1.txt_attn.qkv", None, 3 * lf.H),

@@ -136,31 +136,29 @@ def _users(graph: dict, link: list) -> list[tuple[str, str]]:
 
 
 def _add_loras(graph: dict, loras: list[dict]) -> None:
-    """The job's LoRAs chained after the MODEL loader, the loader's users taking the chain's end. With one
-    MODEL and one CLIP loader the chain is the host's LoraLoader, so a LoRA's CLIP-L layers apply too, as on
-    the engine; otherwise LoraLoaderModelOnly after each MODEL loader."""
+    """The job's LoRAs chained after each MODEL loader, the loader's users taking the chain's end. With one
+    MODEL and one CLIP loader the chain is the host's LoraLoader, which takes the CLIP along, so a LoRA's
+    CLIP-L layers apply too, as on the engine; otherwise it is LoraLoaderModelOnly."""
     models, clips = _sources(graph, MODEL_SOURCES), _sources(graph, CLIP_SOURCES)
-    if len(models) == 1 and len(clips) == 1:
-        model, clip = models[0], clips[0]
-        model_users, clip_users = _users(graph, model), _users(graph, clip)
-        for number, lora in enumerate(loras, start=1):
-            lora_id = f"lora{number}_{model[0]}"
-            graph[lora_id] = {"class_type": "LoraLoader", "inputs": {
-                "model": model, "clip": clip, "lora_name": lora["name"], "strength_model": lora["strength"],
-                "strength_clip": lora["strength"]}}
-            model, clip = [lora_id, 0], [lora_id, 1]
-        for (user, name), link in [(u, model) for u in model_users] + [(u, clip) for u in clip_users]:
-            graph[user]["inputs"][name] = link
-        return
-    for link in models:
-        users = _users(graph, link)
-        for number, lora in enumerate(loras, start=1):
-            lora_id = f"lora{number}_{link[0]}"
-            graph[lora_id] = {"class_type": "LoraLoaderModelOnly",
-                              "inputs": {"model": link, "lora_name": lora["name"], "strength_model": lora["strength"]}}
-            link = [lora_id, 0]
-        for user, name in users:
-            graph[user]["inputs"][name] = link
+    clip = clips[0] if len(models) == 1 and len(clips) == 1 else None
+    for model in models:
+        _chain(graph, loras, model, clip)
+
+
+def _chain(graph: dict, loras: list[dict], model: list, clip: list | None) -> None:
+    ends = {"model": model, "clip": clip}
+    users = {role: _users(graph, link) for role, link in ends.items() if link is not None}
+    for number, lora in enumerate(loras, start=1):
+        lora_id = f"lora{number}_{model[0]}"
+        node_inputs = {"model": ends["model"], "lora_name": lora["name"], "strength_model": lora["strength"]}
+        if clip is not None:
+            node_inputs.update(clip=ends["clip"], strength_clip=lora["strength"])
+        graph[lora_id] = {"class_type": "LoraLoader" if clip is not None else "LoraLoaderModelOnly",
+                          "inputs": node_inputs}
+        ends = {"model": [lora_id, 0], "clip": [lora_id, 1] if clip is not None else None}
+    for role, found in users.items():
+        for user, name in found:
+            graph[user]["inputs"][name] = ends[role]
 
 
 def fill_workflow(workflow: dict, item: WorkItem) -> dict:

@@ -8,11 +8,11 @@ models alike.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from typing import Sequence
 
+from ..lazy import lazy_getattr
 from .spec import normalize_loras, parse_lora_spec
 
 # The rest needs torch: imported on first use, so the spec parsing stays importable without it.
@@ -23,11 +23,7 @@ __all__ = ["normalize_loras", "parse_lora_spec", "use_loras", *_LAZY]
 
 log = logging.getLogger(__name__)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def use_loras(model, loras: Sequence[tuple[str | os.PathLike, float]] | None, clip=None) -> list[dict]:

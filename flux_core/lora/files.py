@@ -102,8 +102,7 @@ def read_lora(path, model, clip=None) -> Lora:
     shapes = linear_shapes(model)
     targets = _name_table(shapes, diffusers_linear_targets(model.params), model.params.hidden_size)
     clip_shapes = linear_shapes(clip) if clip is not None else {}
-    clip_targets = {f"{prefix}{name.replace('.', '_') if prefix.endswith('_') else name}": (name, None, False)
-                    for name in clip_shapes for prefix in _CLIP_PREFIXES}
+    clip_targets = _clip_name_table(clip_shapes)
     with open_checkpoint(path) as tf:
         keys = list(tf.keys())
         stems, leftovers = _group(keys)
@@ -165,6 +164,12 @@ def _name_table(shapes: dict, diffusers: dict, hidden: int) -> dict[str, tuple[s
             table["lora_transformer_" + name.replace(".", "_")] = target
     table.update(_xlabs_names(shapes, hidden))
     return table
+
+
+def _clip_name_table(shapes: dict) -> dict[str, tuple[str, None, bool]]:
+    """Every spelling of a CLIP-L linear a LoRA may use -> (its name, all rows, not swapped)."""
+    return {prefix + (name.replace(".", "_") if prefix.endswith("_") else name): (name, None, False)
+            for name in shapes for prefix in _CLIP_PREFIXES}
 
 
 # XLabs processor names: reference layer (inside a block) -> name

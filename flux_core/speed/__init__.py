@@ -11,8 +11,7 @@ presets that combine them (presets.py).
 """
 from __future__ import annotations
 
-import importlib
-
+from ..lazy import lazy_getattr
 from . import presets
 from .presets import DEFAULT_SPEED_MODE, SPEED_MODES, SpeedMode
 from .settings import RuntimeOptions, StepCacheConfig
@@ -25,8 +24,4 @@ _LAZY.update({name: "runtime" for name in ("AccelerationReport", "accelerate", "
 __all__ = ["presets", "SPEED_MODES", "DEFAULT_SPEED_MODE", "SpeedMode", "RuntimeOptions", "StepCacheConfig",
            *_LAZY]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
