@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overrides the format implied by --out")
     g.add_argument("--output-quality", type=int, default=presets.DEFAULT_OUTPUT_QUALITY, help="1-100, jpg/webp")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                   help="a LoRA for the transformer (.safetensors; kohya, diffusers/PEFT, OneTrainer or "
-                        "reference key names), strength default 1.0; repeat for several")
+                   help="a LoRA for the transformer and CLIP-L (.safetensors; kohya, diffusers/PEFT, OneTrainer, "
+                        "XLabs or reference key names), strength default 1.0; repeat for several")
     add_model_arguments(g)
     add_memory_arguments(g)
     g.add_argument("--provider", default=None, metavar="NAME",
